@@ -1,10 +1,158 @@
-"""The ``dst`` command (filled in as the peers land)."""
+"""The ``dst`` command: ``serve``, ``up``, ``certs`` (more arrive with the bridge and
+replication).  Every subcommand has ``--help``; configuration mistakes print one line naming
+the flag and value and exit 2; SIGINT/SIGTERM stop a running service cleanly with exit 0.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import signal
 import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from dst.errors import ConfigError, DstError
+from dst.net.endpoints import Address, is_loopback, parse_address
+from dst.security.tls import TlsConfig
+from dst.server import Server, ServerConfig
+from dst.server.server import DEFAULT_MAX_BYTES, DEFAULT_MAX_INFLIGHT
+from dst.server.volume import parse_size, parse_volume_spec
+
+log = logging.getLogger("dst")
+
+UP_LISTEN = "127.0.0.1:7410"
+UP_VOLUME = ("vol0", 1 << 30)
+
+
+def _page_size(text: str) -> int:
+    size = parse_size(text)
+    if size < 512 or size & (size - 1) or size > 1 << 20:
+        raise argparse.ArgumentTypeError(f"page size {text}: a power of two from 512 to 1M")
+    return size
+
+
+def _add_security(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tls", metavar="DIR", type=Path, help="node directory from `dst certs issue`")
+    g.add_argument("--insecure", action="store_true", help="plaintext (loopback and tests only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dst", description="dst — a distributed network block store on Trio."
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="export volumes from a data directory")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT")
+    p.add_argument("--data", required=True, type=Path, metavar="DIR")
+    p.add_argument(
+        "--volume",
+        required=True,
+        action="append",
+        metavar="NAME=SIZE",
+        help="a volume to export (created sparse if absent); repeatable, e.g. vol0=1G",
+    )
+    p.add_argument("--page-size", type=_page_size, default=4096, metavar="BYTES")
+    p.add_argument(
+        "--max-bytes",
+        type=parse_size,
+        default=DEFAULT_MAX_BYTES,
+        metavar="BYTES",
+        help="largest request taken in one frame",
+    )
+    p.add_argument("--max-inflight", type=int, default=DEFAULT_MAX_INFLIGHT, metavar="N")
+    p.add_argument("--node-id", default="", help="name in logs and handshakes")
+    _add_security(p)
+
+    p = sub.add_parser("up", help="run the embedded default on loopback")
+    p.add_argument("--data", type=Path, default=Path("dst-data"), metavar="DIR")
+    p.add_argument("--listen", default=UP_LISTEN, metavar="HOST:PORT")
+
+    p = sub.add_parser("certs", help="make a CA and node certificates", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+async def _run_until_signal(main: Callable[[trio.Nursery], Awaitable[None]]) -> None:
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            nursery.start_soon(main, nursery)
+            async for signum in signals:
+                log.info("event=stopping signal=%s", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _serve_config(args: argparse.Namespace) -> ServerConfig:
+    listen = parse_address(args.listen)
+    tls = TlsConfig.load(args.tls) if args.tls else None
+    if tls is None and not is_loopback(listen.host):
+        log.warning("listen=%s event=insecure_on_network (plaintext, no authentication)", listen)
+    return ServerConfig(
+        data_dir=args.data,
+        volumes=tuple(parse_volume_spec(v) for v in args.volume),
+        listen=listen,
+        tls=tls,
+        page_size=args.page_size,
+        max_bytes=args.max_bytes,
+        max_inflight=args.max_inflight,
+        node_id=args.node_id,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    server = Server(_serve_config(args))
+
+    async def main(nursery: trio.Nursery) -> None:
+        await server.serve()
+
+    trio.run(_run_until_signal, main)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    listen: Address = parse_address(args.listen)
+    config = ServerConfig(data_dir=args.data, volumes=(UP_VOLUME,), listen=listen)
+    server = Server(config)
+
+    async def main(nursery: trio.Nursery) -> None:
+        address = await nursery.start(server.serve)
+        name, size = UP_VOLUME
+        print(f"dst up: volume {name} ({size >> 20} MiB) served at dst://{address}/{name}")
+        print(f"        data in {args.data.resolve()}/{name}.img; Ctrl-C stops", flush=True)
+
+    trio.run(_run_until_signal, main)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("dst: not yet", file=sys.stderr)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["certs"]:
+        from dst.security.certs import certs_main
+
+        return certs_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "up":
+            return cmd_up(args)
+    except ConfigError as exc:
+        print(f"dst {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except DstError as exc:
+        print(f"dst {args.command}: {exc}", file=sys.stderr)
+        return 1
+    parser.error(f"unknown command {args.command!r}")
     return 2

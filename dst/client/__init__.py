@@ -1,0 +1,7 @@
+"""The client side: ``open_remote`` gives a block layer backed by a volume on a dst server."""
+
+from __future__ import annotations
+
+from dst.client.remote import RemoteConfig, RemoteVolume, open_remote
+
+__all__ = ["RemoteConfig", "RemoteVolume", "open_remote"]

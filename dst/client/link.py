@@ -1,0 +1,205 @@
+"""Link: one live, attached connection from a client to a server.
+
+A link is born by ``open_link`` (TCP/TLS connect, Hello → Welcome, Attach → Attached) and
+dies once: the first failure anywhere — the reader hitting EOF or a bad frame, a send that
+fails, keepalive silence — calls ``broken(reason)`` and the supervisor in ``remote.py``
+replaces it.  The reader task is the only one that receives; it resolves replies by
+(tid, sub) and receives a read's data straight into the bio's buffers.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+import trio
+
+from dst.block import Limits
+from dst.errors import BlockError, ProtocolError
+from dst.net.convert import limits_from_wire, limits_to_wire
+from dst.net.endpoints import Address, connect
+from dst.net.framed import Buffer, FramedStream
+from dst.security.tls import TlsConfig
+from dst.wire import (
+    PROTOCOL_VERSION,
+    Attach,
+    Attached,
+    Connection,
+    Goodbye,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Reply,
+    Welcome,
+    check_data,
+    encode_frame,
+)
+
+if TYPE_CHECKING:
+    from dst.client.remote import RemoteVolume
+
+log = logging.getLogger("dst.client")
+T = TypeVar("T")
+
+FEATURES = ("fua", "flush", "trim", "write_zeroes", "epoch")
+# Hello, Welcome, Attach and Attached must all happen within this time.
+SETUP_TIMEOUT_S = 10.0
+
+
+class LinkBroken(Exception):
+    """Internal: the link is dead; the supervisor will replace it."""
+
+
+class Link:
+    def __init__(
+        self,
+        framed: FramedStream,
+        conn: Connection,
+        welcome: Welcome,
+        attached: Attached,
+        generation: int,
+        owner: RemoteVolume,
+    ) -> None:
+        self.framed = framed
+        self.conn = conn
+        self.handle = attached.handle
+        self.epoch = attached.epoch
+        self.size = attached.size
+        self.limits: Limits = limits_from_wire(attached.limits)
+        self.max_inflight = welcome.max_inflight
+        self.server_node = welcome.node_id
+        self.server_page_size = welcome.page_size
+        self.generation = generation
+        self.owner = owner
+        self.reason = ""
+        self._broken = trio.Event()
+        self._last_rx = trio.current_time()
+        self._ping_token = 0
+
+    def broken(self, reason: str) -> None:
+        if not self._broken.is_set():
+            self.reason = reason
+            self._broken.set()
+
+    async def wait_broken(self) -> None:
+        await self._broken.wait()
+
+    async def send(self, msg: Message, data: Sequence[Buffer] = ()) -> None:
+        if self._broken.is_set():
+            raise LinkBroken(self.reason)
+        self.conn.send(msg)
+        await self.framed.send(encode_frame(msg, data), data)
+
+    async def run_reader(self) -> None:
+        try:
+            await self._read_loop()
+        except ProtocolError as exc:
+            self.broken(f"protocol error: {exc}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.broken(f"connection lost: {exc}")
+
+    async def _read_loop(self) -> None:
+        while True:
+            head = await self.framed.read_head()
+            if head is None:
+                self.broken("server closed the connection")
+                return
+            self._last_rx = trio.current_time()
+            prefix, raw = head
+            if isinstance(raw, Goodbye):
+                self.broken(f"server said goodbye: {raw.message} (errno {raw.errno})")
+                return
+            msg = self.conn.receive(prefix, raw)
+            if isinstance(msg, Reply):
+                cmd = self.owner.on_reply(msg)
+                if cmd is None:  # answered already (e.g. duplicate after resend)
+                    await self.framed.skip_data(prefix.data_len)
+                    continue
+                if prefix.data_len:
+                    if msg.errno or prefix.data_len != cmd.piece.length:
+                        raise ProtocolError(
+                            f"reply tid={msg.tid} sub={msg.sub} carries {prefix.data_len} "
+                            f"data bytes; expected {cmd.piece.length if not msg.errno else 0}"
+                        )
+                    views = cmd.piece.views()
+                    await self.framed.read_data_into(views)
+                    check_data(prefix, views)
+                self.owner.on_done(cmd, msg)
+            elif isinstance(msg, Ping):
+                await self.send(Pong(token=msg.token))
+            else:
+                await self.framed.skip_data(prefix.data_len)
+
+    async def run_keepalive(self, interval_s: float, dead_after_s: float) -> None:
+        """Ping when idle; declare the link dead after ``dead_after_s`` of silence."""
+        while True:
+            await trio.sleep(interval_s)
+            idle = trio.current_time() - self._last_rx
+            if idle >= dead_after_s:
+                self.broken(f"no frame from the server for {idle:.1f} s")
+                return
+            if idle >= interval_s:
+                self._ping_token += 1
+                try:
+                    await self.send(Ping(token=self._ping_token))
+                except (LinkBroken, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self.broken(f"ping failed: {exc}")
+                    return
+
+
+async def open_link(
+    address: Address,
+    volume: str,
+    *,
+    tls: TlsConfig | None,
+    role: str,
+    node_id: str,
+    page_size: int,
+    generation: int,
+    tid: int,
+    owner: RemoteVolume,
+) -> Link:
+    framed, _server_role = await connect(address, tls)
+    try:
+        with trio.fail_after(SETUP_TIMEOUT_S):
+            conn = Connection("client")
+            own = Limits(page_size=page_size)
+            hello = Hello(
+                versions=(PROTOCOL_VERSION, PROTOCOL_VERSION),
+                node_id=node_id,
+                role=role,
+                page_size=page_size,
+                limits=limits_to_wire(own),
+                features=FEATURES,
+                max_inflight=0,
+            )
+            conn.send(hello)
+            await framed.send(encode_frame(hello))
+            welcome = await _expect(framed, conn, Welcome)
+            attach = Attach(tid=tid, volume=volume, epoch=0)
+            conn.send(attach)
+            await framed.send(encode_frame(attach))
+            attached = await _expect(framed, conn, Attached)
+    except BaseException:
+        await trio.aclose_forcefully(framed.stream)
+        raise
+    return Link(framed, conn, welcome, attached, generation, owner)
+
+
+async def _expect(framed: FramedStream, conn: Connection, kind: type[T]) -> T:
+    head = await framed.read_head()
+    if head is None:
+        raise trio.BrokenResourceError("server closed the connection during setup")
+    prefix, raw = head
+    if isinstance(raw, Goodbye):
+        raise BlockError(raw.errno or errno.EIO, f"server refused: {raw.message}")
+    msg = conn.receive(prefix, raw)
+    await framed.skip_data(prefix.data_len)
+    if isinstance(msg, Reply) and msg.errno:
+        raise BlockError(msg.errno, msg.message)
+    if not isinstance(msg, kind):
+        raise ProtocolError(f"expected {kind.__name__}, got {type(msg).__name__}")
+    return msg

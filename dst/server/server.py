@@ -1,0 +1,106 @@
+"""Server: the volumes of one data directory, exported over dst frames.
+
+``Server`` owns the volumes, the page pool and the listener; each accepted, authenticated
+connection becomes a ``Session``.  ``serve`` runs until cancelled and reports the bound
+addresses through ``task_status`` (so tests and ``dst up`` can listen on port 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from dst.block import Limits
+from dst.net.endpoints import Address, serve
+from dst.net.framed import FramedStream
+from dst.security.tls import TlsConfig
+from dst.server.pool import PagePool
+from dst.server.session import Session
+from dst.server.volume import Volume
+
+log = logging.getLogger("dst.server")
+
+# Largest request the server takes in one frame: big enough that a 1 MiB sequential bio is one
+# command, small enough that the pool holds many in flight.
+DEFAULT_MAX_BYTES = 1 << 20
+# Per-connection cap on outstanding requests (announced in Welcome).
+DEFAULT_MAX_INFLIGHT = 64
+# All request data held by the server at once, across connections.
+DEFAULT_POOL_BYTES = 64 << 20
+FEATURES = ("fua", "flush", "trim", "write_zeroes", "epoch")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    data_dir: Path
+    volumes: tuple[tuple[str, int], ...]
+    listen: Address
+    tls: TlsConfig | None = None
+    page_size: int = 4096
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+    pool_bytes: int = DEFAULT_POOL_BYTES
+    node_id: str = ""
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.node_id = config.node_id or f"{socket.gethostname()}:{config.listen.port}"
+        self.page_size = config.page_size
+        self.limits = Limits(
+            logical_block_size=512, page_size=config.page_size, max_bytes=config.max_bytes
+        ).validate()
+        self.max_inflight = config.max_inflight
+        self.features = FEATURES
+        self.pool = PagePool(config.page_size, max(config.pool_bytes, config.max_bytes))
+        self.volumes: dict[str, Volume] = {}
+        self.stats: Counter[str] = Counter()
+        self.listen_address: Address | None = None
+
+    def open_volumes(self, specs: Iterable[tuple[str, int]]) -> None:
+        for name, size in specs:
+            volume = Volume.open(self.config.data_dir, name, size, limits=self.limits)
+            self.volumes[name] = volume
+            log.info(
+                "volume=%s size=%d epoch=%d path=%s event=opened",
+                name,
+                size,
+                volume.epoch,
+                self.config.data_dir / f"{name}.img",
+            )
+
+    async def _on_connection(self, framed: FramedStream, role: str | None, peer: str) -> None:
+        self.stats["connections"] += 1
+        await Session(self, framed, role, peer).run()
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open the volumes, listen, and serve until cancelled."""
+        self.open_volumes(self.config.volumes)
+        try:
+            async with trio.open_nursery() as nursery:
+                listeners = await nursery.start(
+                    serve, self.config.listen, self.config.tls, self._on_connection
+                )
+                host, port = listeners[0].socket.getsockname()[:2]
+                self.listen_address = Address(str(host), int(port))
+                log.info(
+                    "node=%s listen=%s tls=%s page_size=%d event=serving",
+                    self.node_id,
+                    self.listen_address,
+                    "on" if self.config.tls else "off",
+                    self.page_size,
+                )
+                task_status.started(self.listen_address)
+        finally:
+            with trio.CancelScope(shield=True):
+                for volume in self.volumes.values():
+                    await volume.aclose()

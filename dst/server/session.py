@@ -1,0 +1,304 @@
+"""One client connection on a server: handshake, then many requests in flight.
+
+The reader task owns the socket's receive side.  For each request it takes an in-flight slot
+(a semaphore of ``max_inflight``, announced in Welcome) and, for a write, pool pages, then
+reads the data straight into those pages and starts a task that runs the request on the
+volume's layer stack.  Replies go out in completion order through the stream's send lock.
+When slots or pages run out the reader simply stops reading: backpressure reaches the client
+through TCP, and memory stays bounded.
+
+Bad requests the codec could still attribute to a (tid, sub) are answered with an errno and
+the connection goes on; a frame that cannot be trusted (bad crc, bad header, garbage) closes
+this connection with a log line naming the problem.  Nothing here can take the server down:
+every failure is confined to its connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from dst.block import Bio, BioFlags, Op, Segment, validate_bio
+from dst.errors import BlockError, ProtocolError
+from dst.net.convert import limits_to_wire
+from dst.net.framed import FramedStream, describe
+from dst.server.pool import Pages
+from dst.wire import (
+    PROTOCOL_VERSION,
+    Attach,
+    Attached,
+    BadRequest,
+    Connection,
+    FlushRequest,
+    Goodbye,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    ReadRequest,
+    Reply,
+    TrimRequest,
+    Welcome,
+    WriteRequest,
+    WriteZeroesRequest,
+    check_data,
+    encode_frame,
+)
+
+if TYPE_CHECKING:
+    from dst.server.server import Server
+    from dst.server.volume import Volume
+
+log = logging.getLogger("dst.server")
+
+# A connected peer must say Hello within this time; until then it holds one socket and a
+# 256 KiB read buffer, nothing more.
+HELLO_TIMEOUT_S = 10.0
+ROLES = ("client", "bridge", "replica")
+
+DataRequest = ReadRequest | WriteRequest | FlushRequest | TrimRequest | WriteZeroesRequest
+OPS: dict[type, Op] = {
+    ReadRequest: Op.READ,
+    WriteRequest: Op.WRITE,
+    FlushRequest: Op.FLUSH,
+    TrimRequest: Op.TRIM,
+    WriteZeroesRequest: Op.WRITE_ZEROES,
+}
+
+
+class Session:
+    def __init__(self, server: Server, framed: FramedStream, tls_role: str | None, peer: str):
+        self.server = server
+        self.framed = framed
+        self.tls_role = tls_role
+        self.peer = peer
+        self.conn = Connection(
+            "server", max_bytes=server.limits.max_bytes, max_inflight=server.max_inflight
+        )
+        self.node = "?"
+        self.handles: dict[int, Volume] = {}
+        self.slots = trio.Semaphore(server.max_inflight)
+
+    async def send(self, msg: Message, data: list[memoryview] | None = None) -> None:
+        self.conn.send(msg)
+        await self.framed.send(encode_frame(msg, data or ()), data or ())
+
+    async def run(self) -> None:
+        """Serve this connection until EOF or a fatal error; never raises (one bad peer must
+        not take the server down), except for cancellation."""
+        reason = ""
+        level = logging.WARNING
+        try:
+            if not await self._handshake():
+                return
+            async with trio.open_nursery() as nursery:
+                await self._read_loop(nursery)
+                # Clean EOF: requests already running finish and answer before we close.
+        except* ProtocolError as group:
+            reason = "; ".join(str(e) for e in group.exceptions)
+            self.server.stats["protocol_errors"] += 1
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
+            reason = "disconnected: " + "; ".join(describe(e) for e in group.exceptions)
+            level = logging.INFO
+        except* Exception as group:
+            log.error("peer=%s node=%s event=session_failed", self.peer, self.node, exc_info=group)
+            reason = "internal error"
+        if reason:
+            log.log(level, "peer=%s node=%s event=closed reason=%r", self.peer, self.node, reason)
+        else:
+            log.info("peer=%s node=%s event=closed", self.peer, self.node)
+
+    async def _handshake(self) -> bool:
+        with trio.move_on_after(HELLO_TIMEOUT_S) as scope:
+            head = await self.framed.read_head()
+        if scope.cancelled_caught or head is None:
+            log.warning("peer=%s event=closed reason='no Hello'", self.peer)
+            return False
+        prefix, hello = head
+        if not isinstance(hello, Hello):
+            raise ProtocolError(f"expected Hello first, got {type(hello).__name__}")
+        self.conn.receive(prefix, hello)
+        self.node = hello.node_id
+        refusal = self._refusal(hello)
+        if refusal is not None:
+            code, text = refusal
+            log.warning("peer=%s node=%s event=refused reason=%r", self.peer, self.node, text)
+            await self.framed.send(encode_frame(Goodbye(errno=code, message=text)))
+            return False
+        srv = self.server
+        await self.send(
+            Welcome(
+                version=PROTOCOL_VERSION,
+                node_id=srv.node_id,
+                role="replica",
+                page_size=srv.page_size,
+                limits=limits_to_wire(srv.limits),
+                features=tuple(f for f in hello.features if f in srv.features),
+                max_inflight=srv.max_inflight,
+            )
+        )
+        log.info(
+            "peer=%s node=%s role=%s page_size=%d event=connected",
+            self.peer,
+            self.node,
+            hello.role,
+            hello.page_size,
+        )
+        return True
+
+    def _refusal(self, hello: Hello) -> tuple[int, str] | None:
+        low, high = hello.versions
+        if not low <= PROTOCOL_VERSION <= high:
+            return errno.EPROTONOSUPPORT, (
+                f"protocol versions {low}..{high} offered; this server speaks {PROTOCOL_VERSION}"
+            )
+        if hello.role not in ROLES:
+            return errno.EPERM, f"role {hello.role!r} unknown"
+        if self.tls_role is not None and hello.role != self.tls_role:
+            return errno.EPERM, (
+                f"role {hello.role!r} in Hello but the certificate says {self.tls_role!r}"
+            )
+        return None
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            head = await self.framed.read_head()
+            if head is None:
+                return
+            prefix, raw = head
+            msg = self.conn.receive(prefix, raw)
+            if isinstance(msg, Ping):
+                # Answered at once, ahead of queued work, so keepalive survives a busy server.
+                await self.framed.send(encode_frame(Pong(token=msg.token)))
+                continue
+            await self.slots.acquire()
+            if isinstance(msg, BadRequest):
+                await self.framed.skip_data(prefix.data_len)
+                self.server.stats["bad_requests"] += 1
+                log.info(
+                    "peer=%s node=%s tid=%d event=bad_request errno=%d reason=%r",
+                    self.peer,
+                    self.node,
+                    msg.tid,
+                    msg.errno,
+                    msg.message,
+                )
+                nursery.start_soon(self._answer, msg.tid, msg.sub, msg.errno, msg.message)
+            elif isinstance(msg, Attach):
+                nursery.start_soon(self._attach, msg)
+            elif isinstance(msg, DataRequest):
+                pages: Pages | None = None
+                if isinstance(msg, WriteRequest):
+                    pages = await self.server.pool.acquire(prefix.data_len)
+                    try:
+                        await self.framed.read_data_into(pages.views)
+                        check_data(prefix, pages.views)
+                    except BaseException:
+                        pages.release()
+                        raise
+                elif isinstance(msg, ReadRequest):
+                    max_bytes = self.server.limits.max_bytes
+                    if msg.length > max_bytes:
+                        text = f"read length {msg.length} exceeds max_bytes {max_bytes}"
+                        nursery.start_soon(self._answer, msg.tid, msg.sub, errno.E2BIG, text)
+                        continue
+                    pages = await self.server.pool.acquire(msg.length)
+                nursery.start_soon(self._run_request, msg, pages)
+            elif isinstance(msg, Goodbye):
+                self.slots.release()
+                log.info(
+                    "peer=%s node=%s event=goodbye reason=%r", self.peer, self.node, msg.message
+                )
+                return
+            else:
+                # Pong and anything else the Connection let through: nothing to do.
+                self.slots.release()
+                await self.framed.skip_data(prefix.data_len)
+
+    async def _answer(self, tid: int, sub: int, code: int, text: str) -> None:
+        try:
+            await self._reply(Reply(tid=tid, sub=sub, errno=code, message=text))
+        finally:
+            self.slots.release()
+
+    async def _reply(self, reply: Message, data: list[memoryview] | None = None) -> None:
+        try:
+            await self.send(reply, data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The peer is gone; it will resend what it still wants on its next connection.
+            pass
+
+    async def _attach(self, msg: Attach) -> None:
+        try:
+            volume = self.server.volumes.get(msg.volume)
+            if volume is None:
+                await self._reply(
+                    Reply(
+                        tid=msg.tid,
+                        sub=0,
+                        errno=errno.ENOENT,
+                        message=f"volume {msg.volume!r} does not exist on this server",
+                    )
+                )
+                return
+            handle = next((h for h, v in self.handles.items() if v is volume), None)
+            if handle is None:
+                handle = len(self.handles) + 1
+                self.handles[handle] = volume
+            await self._reply(
+                Attached(
+                    tid=msg.tid,
+                    handle=handle,
+                    size=volume.size,
+                    epoch=volume.epoch,
+                    limits=limits_to_wire(volume.limits),
+                )
+            )
+            log.info("peer=%s node=%s volume=%s event=attached", self.peer, self.node, volume.name)
+        finally:
+            self.slots.release()
+
+    async def _run_request(self, msg: DataRequest, pages: Pages | None) -> None:
+        stats = self.server.stats
+        try:
+            volume = self.handles.get(msg.handle)
+            try:
+                if volume is None:
+                    raise BlockError(errno.EBADF, f"handle {msg.handle} is not attached")
+                bio = _bio_for(msg, pages)
+                if isinstance(msg, WriteRequest | TrimRequest | WriteZeroesRequest):
+                    if msg.epoch < volume.epoch:
+                        stats["stale_writes"] += 1
+                        raise BlockError(
+                            errno.ESTALE,
+                            f"epoch {msg.epoch} is older than volume epoch {volume.epoch}",
+                        )
+                validate_bio(bio, volume.limits, volume.size)
+                await volume.layer.submit(bio)
+            except BlockError as exc:
+                stats["errors"] += 1
+                await self._reply(
+                    Reply(tid=msg.tid, sub=msg.sub, errno=exc.errno, message=str(exc))
+                )
+                return
+            stats[bio.op.name.lower()] += 1
+            stats["bytes_" + bio.op.name.lower()] += bio.length
+            data = pages.views if pages is not None and bio.op is Op.READ else None
+            await self._reply(Reply(tid=msg.tid, sub=msg.sub, errno=0, message=""), data)
+        finally:
+            if pages is not None:
+                pages.release()
+            self.slots.release()
+
+
+def _bio_for(msg: DataRequest, pages: Pages | None) -> Bio:
+    op = OPS[type(msg)]
+    if isinstance(msg, FlushRequest):
+        return Bio(Op.FLUSH, 0, 0, (), BioFlags(msg.flags))
+    segments: tuple[Segment, ...] = ()
+    if pages is not None:
+        segments = tuple(Segment(v, 0, len(v)) for v in pages.views)
+    return Bio(op, msg.offset, msg.length, segments, BioFlags(msg.flags))

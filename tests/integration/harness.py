@@ -1,0 +1,115 @@
+"""Helpers for integration tests: in-process servers on port 0, and `dst serve` as a real
+process that tests may SIGKILL.  Every process a test starts is killed by pid when the test
+ends, pass or fail."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import trio
+
+from dst.net.endpoints import Address, parse_address
+from dst.security.tls import TlsConfig
+from dst.server import Server, ServerConfig
+
+
+@asynccontextmanager
+async def running_server(
+    data_dir: Path,
+    volumes: tuple[tuple[str, int], ...] = (("vol0", 64 << 20),),
+    *,
+    page_size: int = 4096,
+    tls: TlsConfig | None = None,
+    max_bytes: int = 1 << 20,
+    max_inflight: int = 64,
+    pool_bytes: int = 64 << 20,
+) -> AsyncIterator[Server]:
+    config = ServerConfig(
+        data_dir=data_dir,
+        volumes=volumes,
+        listen=parse_address("127.0.0.1:0"),
+        tls=tls,
+        page_size=page_size,
+        max_bytes=max_bytes,
+        max_inflight=max_inflight,
+        pool_bytes=pool_bytes,
+        node_id="test-server",
+    )
+    server = Server(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        try:
+            yield server
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """`dst serve` in a child process, restartable on the same port and data."""
+
+    def __init__(self, data_dir: Path, port: int, volume: str, log_path: Path) -> None:
+        self.data_dir = data_dir
+        self.address = Address("127.0.0.1", port)
+        self.volume = volume
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dst",
+                    "serve",
+                    "--listen",
+                    str(self.address),
+                    "--data",
+                    str(self.data_dir),
+                    "--volume",
+                    self.volume,
+                    "--insecure",
+                ],
+                stdout=log,
+                stderr=log,
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dst serve exited: {self.log_path.read_text()}")
+            try:
+                socket.create_connection((self.address.host, self.address.port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("dst serve did not start listening")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+                self.proc.wait(10)
+
+
+@contextmanager
+def server_process(tmp_path: Path, volume: str = "vol0=64M") -> Iterator[ServerProcess]:
+    sp = ServerProcess(tmp_path / "data", free_port(), volume, tmp_path / "server.log")
+    try:
+        yield sp
+    finally:
+        sp.kill(signal.SIGCONT)
+        sp.kill(signal.SIGKILL)
