@@ -109,6 +109,7 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     server = Server(_serve_config(args))
+    server.open_volumes(server.config.volumes)  # configuration errors surface before serving
 
     async def main(nursery: trio.Nursery) -> None:
         await server.serve()
@@ -121,6 +122,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     listen: Address = parse_address(args.listen)
     config = ServerConfig(data_dir=args.data, volumes=(UP_VOLUME,), listen=listen)
     server = Server(config)
+    server.open_volumes(config.volumes)
 
     async def main(nursery: trio.Nursery) -> None:
         address = await nursery.start(server.serve)
@@ -130,6 +132,17 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     trio.run(_run_until_signal, main)
     return 0
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _fail(command: str, exc: BaseException) -> int:
+    print(f"dst {command}: {exc}", file=sys.stderr)
+    return 2 if isinstance(exc, ConfigError) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,11 +161,13 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "up":
             return cmd_up(args)
-    except ConfigError as exc:
-        print(f"dst {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except DstError as exc:
-        print(f"dst {args.command}: {exc}", file=sys.stderr)
-        return 1
+    except (ConfigError, DstError, OSError) as exc:
+        return _fail(args.command, exc)
+    except BaseExceptionGroup as group:
+        # Errors raised inside the running service arrive wrapped by Trio's nurseries.
+        leaf = _first_leaf(group)
+        if isinstance(leaf, ConfigError | DstError | OSError):
+            return _fail(args.command, leaf)
+        raise
     parser.error(f"unknown command {args.command!r}")
     return 2

@@ -84,7 +84,8 @@ class Server:
         self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Open the volumes, listen, and serve until cancelled."""
-        self.open_volumes(self.config.volumes)
+        if not self.volumes:
+            self.open_volumes(self.config.volumes)
         try:
             async with trio.open_nursery() as nursery:
                 listeners = await nursery.start(

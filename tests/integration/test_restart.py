@@ -73,3 +73,31 @@ async def test_server_killed_and_restarted_during_writes(tmp_path: Path) -> None
             for block, data in last.items():
                 f.seek(block * BLOCK)
                 assert f.read(BLOCK) == data
+
+
+async def test_frozen_server_is_declared_dead_and_io_completes_when_it_resumes(
+    tmp_path: Path,
+) -> None:
+    """SIGSTOP keeps the socket open but silent: only keepalive can notice."""
+    with server_process(tmp_path, "vol0=64M") as sp:
+        sp.start()
+        async with open_remote(sp.address, "vol0", keepalive_s=0.2, dead_after_s=1.0) as vol:
+            await vol.submit(Bio.from_buffer(Op.WRITE, 0, b"a" * 4096))
+            sp.kill(signal.SIGSTOP)
+            finished = trio.Event()
+
+            async def write() -> None:
+                await vol.submit(Bio.from_buffer(Op.WRITE, 0, b"b" * 4096, flags=BioFlags.FUA))
+                finished.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)
+                with trio.fail_after(10):
+                    while vol.stats.reconnects < 1:  # the silent link was given up
+                        await trio.sleep(0.05)
+                assert not finished.is_set()
+                sp.kill(signal.SIGCONT)
+            out = bytearray(4096)
+            await vol.submit(Bio.from_buffer(Op.READ, 0, out))
+            assert out == b"b" * 4096
+            assert vol.stats.failed == 0
