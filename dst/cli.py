@@ -44,12 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dst", description="dst — a distributed network block store on Trio."
     )
-    parser.add_argument(
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="export volumes from a data directory")
+    p = sub.add_parser("serve", help="export volumes from a data directory", parents=[common])
     p.add_argument("--listen", required=True, metavar="HOST:PORT")
     p.add_argument("--data", required=True, type=Path, metavar="DIR")
     p.add_argument(
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", default="", help="name in logs and handshakes")
     _add_security(p)
 
-    p = sub.add_parser("up", help="run the embedded default on loopback")
+    p = sub.add_parser("up", help="run the embedded default on loopback", parents=[common])
     p.add_argument("--data", type=Path, default=Path("dst-data"), metavar="DIR")
     p.add_argument("--listen", default=UP_LISTEN, metavar="HOST:PORT")
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     try:
         if args.command == "serve":

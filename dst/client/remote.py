@@ -46,9 +46,6 @@ from dst.wire import (
 
 log = logging.getLogger("dst.client")
 
-# Replies that mean "not done, try again on another connection" rather than a verdict.
-RETRYABLE = frozenset({errno.ESHUTDOWN})
-
 
 @dataclass(frozen=True, slots=True)
 class RemoteConfig:
@@ -223,9 +220,6 @@ class RemoteVolume:
         return self._pending.get((reply.tid, reply.sub))
 
     def on_done(self, cmd: Command, reply: Reply) -> None:
-        if reply.errno in RETRYABLE:
-            cmd.generation = -1  # resent on the next link
-            return
         err = None if reply.errno == 0 else BlockError(reply.errno, reply.message)
         self._complete(cmd, err)
 
