@@ -35,6 +35,7 @@ from dst.net.convert import page_runs
 from dst.net.endpoints import Address
 from dst.security.tls import TlsConfig
 from dst.wire import (
+    MAX_PAGE_RUNS,
     FlushRequest,
     Message,
     ReadRequest,
@@ -100,7 +101,13 @@ class RemoteVolume:
 
     def __init__(self, config: RemoteConfig) -> None:
         self.config = config
-        self.own_limits = Limits(page_size=config.page_size).validate()
+        # A command's page list must stay within MAX_PAGE_RUNS runs: a request covers at most
+        # max_bytes / page_size whole pages plus two partial pages per segment.
+        self.own_limits = Limits(
+            page_size=config.page_size,
+            max_bytes=(MAX_PAGE_RUNS // 2) * config.page_size,
+            max_segments=MAX_PAGE_RUNS // 4,
+        ).validate()
         self._limits = self.own_limits
         self._size = 0
         self._ids = itertools.count(1)

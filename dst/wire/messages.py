@@ -1,0 +1,255 @@
+"""The messages of the dst wire protocol, as typed values.
+
+Every frame carries one message: a frozen, slotted dataclass below.  The codec
+(:mod:`dst.wire.codec`) turns them into bytes and back, after
+:func:`dst.wire.rules.validate` has said they are well formed; the connection
+state machine (:mod:`dst.wire.connection`) decides which may be sent when.
+This module knows no bytes and no rules: it names the message types, the
+header flags and the Linux errno numbers that travel in replies.
+
+``pages`` follows seed 003: the client's pages, run-length encoded as
+``(size, offset, count)`` runs -- ``count`` consecutive client pages, each
+contributing ``size`` bytes starting ``offset`` bytes into the page.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+
+class MsgType(enum.IntEnum):
+    """The ``type`` byte of a frame header."""
+
+    HELLO = 0x01
+    WELCOME = 0x02
+    ATTACH = 0x03
+    ATTACHED = 0x04
+    READ = 0x10
+    WRITE = 0x11
+    FLUSH = 0x12
+    TRIM = 0x13
+    WRITE_ZEROES = 0x14
+    PING = 0x20
+    PONG = 0x21
+    REPLY = 0x30
+    GOODBYE = 0x40
+
+
+class FrameFlags(enum.IntFlag):
+    """The ``flags`` field of a frame header (requests only)."""
+
+    FUA = 0x1  # the write is on stable storage before the reply
+    PREFLUSH = 0x2  # everything acknowledged before is stable before this runs
+    FAILFAST = 0x4  # fail at once rather than retry (mirror legs, seed 004)
+    NO_HOLE = 0x8  # WRITE_ZEROES must allocate, not punch a hole
+
+
+class Errno(enum.IntEnum):
+    """Linux errno numbers as they travel on the wire, whatever the platform."""
+
+    OK = 0
+    EPERM = 1
+    ENOENT = 2
+    EIO = 5
+    E2BIG = 7
+    EBADF = 9
+    EEXIST = 17
+    EINVAL = 22
+    ENOSPC = 28
+    EROFS = 30
+    EPROTO = 71
+    EOVERFLOW = 75
+    EPROTONOSUPPORT = 93
+    EOPNOTSUPP = 95
+    ESHUTDOWN = 108
+    ETIMEDOUT = 110
+    ESTALE = 116
+
+
+Pages = tuple[tuple[int, int, int], ...]
+
+
+def _frozen_limits(limits: Mapping[str, int]) -> Mapping[str, int]:
+    return MappingProxyType(dict(limits))
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Client -> server, first frame on a connection."""
+
+    versions: tuple[int, int]  # (min, max) protocol versions the client speaks
+    node_id: str
+    role: str
+    page_size: int  # the client's page size; `pages` in its requests refer to it
+    limits: Mapping[str, int]
+    features: tuple[str, ...]
+    max_inflight: int  # how many requests the client means to keep outstanding
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "limits", _frozen_limits(self.limits))
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Server -> client, the answer to an acceptable Hello."""
+
+    version: int  # the protocol version chosen for this connection
+    node_id: str
+    role: str
+    page_size: int
+    limits: Mapping[str, int]
+    features: tuple[str, ...]  # the subset of the Hello's features the server supports
+    max_inflight: int  # the server's cap on the client's outstanding requests
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "limits", _frozen_limits(self.limits))
+
+
+@dataclass(frozen=True, slots=True)
+class Attach:
+    tid: int
+    volume: str
+    epoch: int = 0  # 0: whatever epoch is current
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    tid: int
+    handle: int
+    size: int
+    epoch: int
+    limits: Mapping[str, int]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "limits", _frozen_limits(self.limits))
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    tid: int
+    sub: int
+    handle: int
+    offset: int
+    length: int
+    pages: Pages
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    tid: int
+    sub: int
+    handle: int
+    offset: int
+    length: int
+    epoch: int
+    pages: Pages
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FlushRequest:
+    tid: int
+    sub: int
+    handle: int
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TrimRequest:
+    tid: int
+    sub: int
+    handle: int
+    offset: int
+    length: int
+    epoch: int
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WriteZeroesRequest:
+    tid: int
+    sub: int
+    handle: int
+    offset: int
+    length: int
+    epoch: int
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    token: int  # the token of the Ping it answers
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    tid: int
+    sub: int
+    errno: int  # 0: success
+    message: str = ""  # empty on success
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    errno: int
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """Not a wire message: what the decoder returns for a sound frame holding
+    a request it can answer but not accept.  The receiver answers it with
+    ``Reply(tid, sub, errno, message)`` and discards the frame's data."""
+
+    tid: int
+    sub: int
+    msg_type: int
+    errno: int
+    message: str
+
+
+Request = ReadRequest | WriteRequest | FlushRequest | TrimRequest | WriteZeroesRequest
+Message = (
+    Hello
+    | Welcome
+    | Attach
+    | Attached
+    | ReadRequest
+    | WriteRequest
+    | FlushRequest
+    | TrimRequest
+    | WriteZeroesRequest
+    | Ping
+    | Pong
+    | Reply
+    | Goodbye
+    | BadRequest
+)
+REQUEST_TYPES = (ReadRequest, WriteRequest, FlushRequest, TrimRequest, WriteZeroesRequest)
+
+MSG_TYPE_OF: Mapping[type, MsgType] = MappingProxyType(
+    {
+        Hello: MsgType.HELLO,
+        Welcome: MsgType.WELCOME,
+        Attach: MsgType.ATTACH,
+        Attached: MsgType.ATTACHED,
+        ReadRequest: MsgType.READ,
+        WriteRequest: MsgType.WRITE,
+        FlushRequest: MsgType.FLUSH,
+        TrimRequest: MsgType.TRIM,
+        WriteZeroesRequest: MsgType.WRITE_ZEROES,
+        Ping: MsgType.PING,
+        Pong: MsgType.PONG,
+        Reply: MsgType.REPLY,
+        Goodbye: MsgType.GOODBYE,
+    }
+)
