@@ -1,0 +1,47 @@
+"""dst.block: bios, limits, the splitter, the block layer protocol and the stores.
+
+Everything a block layer needs, re-exported from its module:
+
+- :mod:`dst.block.bio` — :class:`Bio`, :class:`Segment`, :class:`Op`, :class:`BioFlags`,
+  :data:`SECTOR_SIZE` and :func:`validate_bio`, the edge check;
+- :mod:`dst.block.limits` — :class:`Limits` and how they stack;
+- :mod:`dst.block.split` — :func:`split`, which cuts any valid bio to any valid limits;
+- :mod:`dst.block.layer` — the :class:`BlockLayer` protocol and :func:`submit_split`;
+- :mod:`dst.block.memory`, :mod:`dst.block.file` — the stores at the bottom of a stack.
+"""
+
+from __future__ import annotations
+
+from dst.block.bio import SECTOR_SIZE, Bio, BioFlags, Op, Segment, validate_bio
+from dst.block.file import IO_THREADS, IOV_MAX, FileStore
+from dst.block.layer import (
+    BlockLayer,
+    StoreCounters,
+    StoreStatistics,
+    closed_error,
+    submit_split,
+)
+from dst.block.limits import UNLIMITED, Limits
+from dst.block.memory import MemoryStore
+from dst.block.split import split
+
+__all__ = [
+    "IOV_MAX",
+    "IO_THREADS",
+    "SECTOR_SIZE",
+    "UNLIMITED",
+    "Bio",
+    "BioFlags",
+    "BlockLayer",
+    "FileStore",
+    "Limits",
+    "MemoryStore",
+    "Op",
+    "Segment",
+    "StoreCounters",
+    "StoreStatistics",
+    "closed_error",
+    "split",
+    "submit_split",
+    "validate_bio",
+]

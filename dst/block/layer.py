@@ -1,0 +1,166 @@
+"""The block layer protocol: the interface of every box in a dst stack.
+
+A block layer is what an nbdkit filter is over ``next`` or a device-mapper target over its
+table: it has ``limits`` and a ``size``, completes bios with ``submit`` and releases what it
+holds with ``aclose``.  A layer sees only the layer below it, through this same protocol, so
+layers compose in any order: ``Fence → Replicated → FileStore`` on a server,
+``Mirror → Remote`` on a client (``DESIGN.md``).
+
+The contract, which ``tests/conformance/check.py`` checks for every layer:
+
+- ``limits`` is what the layer can take in one bio *including everything below it*: a layer
+  over ``below`` advertises ``own.stack(below.limits)``.  Callers split to it (with
+  :func:`submit_split`) before submitting; a layer that has its own limit and is handed a bio
+  that does not fit splits it too, and never rejects a valid bio because of its shape.
+- ``submit(bio)`` returns when the bio is complete — a READ's segments are filled, a WRITE is
+  done (and on stable storage if it carried FUA) — or raises :class:`~dst.errors.BlockError`
+  with the errno that goes on the wire.  Bios may be submitted concurrently; bios whose ranges
+  overlap have no defined order unless the caller orders them.
+- Validation (:func:`~dst.block.bio.validate_bio`) happens once, at the edge where a request
+  enters the stack.  Middle layers rely on it.  The stores at the bottom (MemoryStore,
+  FileStore) validate again in ``submit``, because nothing guarantees an edge sits above them.
+- ``aclose()`` is idempotent; a ``submit`` after it raises BlockError(ESHUTDOWN).
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import trio
+
+from dst.block.bio import Bio, Op
+from dst.block.limits import Limits
+from dst.block.split import split
+from dst.errors import BlockError
+
+__all__ = ["BlockLayer", "StoreCounters", "StoreStatistics", "closed_error", "submit_split"]
+
+
+@runtime_checkable
+class BlockLayer(Protocol):
+    """Every box in the stack: an nbdkit filter over ``next``, a dm target over its table."""
+
+    @property
+    def limits(self) -> Limits:
+        """What one bio submitted here may look like, for this layer and all below it."""
+        ...
+
+    @property
+    def size(self) -> int:
+        """The device size in bytes, a multiple of ``limits.logical_block_size``."""
+        ...
+
+    async def submit(self, bio: Bio) -> None:
+        """Complete ``bio`` (fill a READ's segments) or raise BlockError."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the layer holds; idempotent."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    """Counts since a store was opened (``FileStore.statistics()``, ``MemoryStore``'s too).
+
+    ``flushes`` counts FLUSH bios; ``syncs`` counts the fdatasync calls actually made, for
+    FLUSH, FUA and PREFLUSH together — with group commit it is usually far smaller.
+    """
+
+    reads: int = 0
+    writes: int = 0
+    flushes: int = 0
+    trims: int = 0
+    write_zeroes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    syncs: int = 0
+    errors: int = 0
+
+
+def closed_error(what: str) -> BlockError:
+    """The error a layer raises for a bio submitted after ``aclose``.
+
+    ESHUTDOWN is what NBD servers answer while shutting down, and it maps onto the wire
+    unchanged; trio's ClosedResourceError would escape the BlockError contract.
+    """
+    return BlockError(errno.ESHUTDOWN, f"{what} is closed")
+
+
+async def submit_split(below: BlockLayer, bio: Bio) -> None:
+    """Split ``bio`` to ``below.limits`` and submit the pieces to ``below`` concurrently.
+
+    This is what an edge does after :func:`~dst.block.bio.validate_bio`, and what a layer does
+    when it must split for its own limits.  The bio completes when every piece has completed
+    (the transaction refcount of DESIGN.md); if pieces fail, the first failure to arrive is
+    raised, after the other pieces have finished — so when this returns or raises, nothing of
+    the bio is still in flight below.
+    """
+    pieces = split(bio, below.limits)
+    if len(pieces) == 1:
+        await below.submit(pieces[0])
+        return
+    first_error: list[BlockError] = []
+
+    async def run(piece: Bio) -> None:
+        try:
+            await below.submit(piece)
+        except BlockError as exc:
+            if not first_error:
+                first_error.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for piece in pieces:
+            nursery.start_soon(run, piece)
+    if first_error:
+        raise first_error[0]
+
+
+class StoreCounters:
+    """The mutable counters behind :class:`StoreStatistics`, kept by a store."""
+
+    __slots__ = (
+        "bytes_read",
+        "bytes_written",
+        "errors",
+        "flushes",
+        "reads",
+        "syncs",
+        "trims",
+        "write_zeroes",
+        "writes",
+    )
+
+    def __init__(self) -> None:
+        self.reads = self.writes = self.flushes = self.trims = self.write_zeroes = 0
+        self.bytes_read = self.bytes_written = self.syncs = self.errors = 0
+
+    def count(self, bio: Bio) -> None:
+        """Count one completed bio."""
+        if bio.op is Op.READ:
+            self.reads += 1
+            self.bytes_read += bio.length
+        elif bio.op is Op.WRITE:
+            self.writes += 1
+            self.bytes_written += bio.length
+        elif bio.op is Op.FLUSH:
+            self.flushes += 1
+        elif bio.op is Op.TRIM:
+            self.trims += 1
+        else:
+            self.write_zeroes += 1
+
+    def snapshot(self) -> StoreStatistics:
+        return StoreStatistics(
+            reads=self.reads,
+            writes=self.writes,
+            flushes=self.flushes,
+            trims=self.trims,
+            write_zeroes=self.write_zeroes,
+            bytes_read=self.bytes_read,
+            bytes_written=self.bytes_written,
+            syncs=self.syncs,
+            errors=self.errors,
+        )
