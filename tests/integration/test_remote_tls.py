@@ -49,9 +49,10 @@ async def test_tls_round_trip_and_role_checks(pki: Path) -> None:
                 pass
         assert info.value.errno == errno.EPERM
         # a certificate from another CA, and plaintext, never get a Welcome
-        for tls in [TlsConfig.load(pki / "other-pki" / "intruder"), None]:
+        bad: list[TlsConfig | None] = [TlsConfig.load(pki / "other-pki" / "intruder"), None]
+        for bad_tls in bad:
             with pytest.raises((trio.BrokenResourceError, OSError, BlockError)):
-                async with open_remote(addr, "vol0", tls=tls):
+                async with open_remote(addr, "vol0", tls=bad_tls):
                     pass
         # only the three authenticated connections ever reached a session
         assert server.stats["connections"] == 3
