@@ -106,7 +106,10 @@ class FramedStream:
         return prefix, message
 
     async def read_data_into(self, views: Sequence[memoryview]) -> None:
-        """Fill ``views`` in order with the next data bytes, straight from the socket."""
+        """Fill ``views`` in order with the next data bytes, straight from the socket: what
+        arrived with the head is copied, the rest lands with one ``recvmsg_into`` per
+        IOV_MAX buffers rather than one syscall per page."""
+        pending: list[memoryview] = []
         for view in views:
             got = min(len(view), self._end - self._start)
             if got:
@@ -114,14 +117,31 @@ class FramedStream:
                 self._start += got
                 if self._start == self._end:
                     self._start = self._end = 0
-            while got < len(view):
-                n = await self._recv_into(view[got:])
-                if n == 0:
-                    raise RemoteProtocolError(
-                        f"connection closed in the middle of frame data "
-                        f"({len(view) - got} bytes missing)"
-                    )
-                got += n
+            if got < len(view):
+                pending.append(view[got:] if got else view)
+        i = 0
+        while i < len(pending):
+            if self._sock is not None:
+                try:
+                    n = (await self._sock.recvmsg_into(pending[i : i + IOV_MAX]))[0]
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+                self.bytes_received += n
+            else:
+                n = await self._recv_into(pending[i])
+            if n == 0:
+                missing = sum(len(v) for v in pending[i:])
+                raise RemoteProtocolError(
+                    f"connection closed in the middle of frame data ({missing} bytes missing)"
+                )
+            while n:
+                size = len(pending[i])
+                if n >= size:
+                    n -= size
+                    i += 1
+                else:
+                    pending[i] = pending[i][n:]
+                    n = 0
 
     async def skip_data(self, length: int) -> None:
         """Discard ``length`` data bytes (a refused request's payload)."""

@@ -89,16 +89,27 @@ class PagePool:
         return [self._free.pop() for _ in range(need)]
 
     def _views(self, indexes: list[int], nbytes: int) -> Pages:
-        views = []
+        """Views over the pages, with runs of adjacent pages merged into one view: the
+        request still lies on the server's own pages, but a 1 MiB write on a quiet pool is
+        one iovec instead of 256."""
+        views: list[memoryview] = []
+        if not indexes:
+            return Pages(self, indexes, views)
         size = self.page_size
-        for i in indexes:
-            take = min(size, nbytes)
-            views.append(self._arena[i * size : i * size + take])
+        run_start = prev = indexes[0]
+        for i in [*indexes[1:], -1]:
+            if i == prev + 1:
+                prev = i
+                continue
+            take = min((prev - run_start + 1) * size, nbytes)
+            views.append(self._arena[run_start * size : run_start * size + take])
             nbytes -= take
+            run_start = prev = i
         return Pages(self, indexes, views)
 
     def _give_back(self, indexes: list[int]) -> None:
-        self._free.extend(indexes)
+        # Reversed, so the next pops hand the same ascending run out again.
+        self._free.extend(reversed(indexes))
         # Grant waiters in order while the head of the queue can be satisfied; pages are
         # handed over here, so nobody arriving later can take them first.
         while self._waiters and self._waiters[0].need <= len(self._free):

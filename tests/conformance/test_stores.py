@@ -228,11 +228,11 @@ async def test_segment_list_longer_than_iov_max(tmp_path: Path) -> None:
     await store.aclose()
 
 
-def short_io(real: Callable[[int, list[memoryview], int], int], most: int) -> Any:
+def short_io(real: Callable[..., int], most: int) -> Any:
     """Wrap os.preadv/os.pwritev so each call moves at most ``most`` bytes, cutting the iovec
     list mid-buffer, as a signal or a full pipe can; the store must loop correctly."""
 
-    def call(fd: int, buffers: list[memoryview], offset: int) -> int:
+    def call(fd: int, buffers: list[memoryview], offset: int, *flags: int) -> int:
         assert len(buffers) <= IOV_MAX
         cut: list[memoryview] = []
         room = most
@@ -241,7 +241,7 @@ def short_io(real: Callable[[int, list[memoryview], int], int], most: int) -> An
                 break
             cut.append(memoryview(buf)[:room])
             room -= len(cut[-1])
-        return real(fd, cut, offset)
+        return real(fd, cut, offset, *flags)
 
     return call
 
@@ -305,3 +305,39 @@ async def test_aclose_waits_for_bios_in_flight(
     with pytest.raises(BlockError) as info:
         await store.submit(Bio(Op.FLUSH, 0, 0))
     assert info.value.errno == errno.ESHUTDOWN
+
+
+async def test_uncached_reads_fall_back_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cached reads run on the event loop with RWF_NOWAIT; pages the cache dropped must come
+    from a worker thread instead, with the same bytes."""
+    store = FileStore.open(tmp_path / "vol.img", SIZE)
+    raw = bytes(pattern(11, 256 * 1024))
+    await store.submit(Bio.from_buffer(Op.WRITE, 0, raw, flags=BioFlags.FUA))
+    fd = os.open(tmp_path / "vol.img", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: really dropped
+    finally:
+        os.close(fd)
+    outcomes: list[str] = []
+    real = os.preadv
+
+    def spy(fd: int, buffers: list[memoryview], offset: int, *flags: int) -> int:
+        try:
+            count = real(fd, buffers, offset, *flags)
+        except BlockingIOError:
+            outcomes.append("eagain")
+            raise
+        outcomes.append("nowait" if flags else "thread")
+        return count
+
+    monkeypatch.setattr(os, "preadv", spy)
+    out = bytearray(len(raw))
+    await store.submit(Bio.from_buffer(Op.READ, 0, out))
+    assert out == raw
+    assert "thread" in outcomes, outcomes
+    outcomes.clear()
+    await store.submit(Bio.from_buffer(Op.READ, 0, out))  # now cached
+    assert outcomes and set(outcomes) == {"nowait"}, outcomes
+    await store.aclose()

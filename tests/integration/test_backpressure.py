@@ -76,3 +76,14 @@ async def test_pool_grants_in_order_and_survives_cancellation() -> None:
         first.release()
     assert order == ["big", "small"]
     assert pool.statistics().pages_free == 4
+
+
+async def test_adjacent_pages_come_back_as_one_view() -> None:
+    pool = PagePool(4096, 16 * 4096)
+    pages = await pool.acquire(3 * 4096 + 100)
+    assert [len(v) for v in pages.views] == [3 * 4096 + 100]
+    pages.release()
+    again = await pool.acquire(5 * 4096)
+    assert [len(v) for v in again.views] == [5 * 4096]
+    empty = await pool.acquire(0)
+    assert empty.views == []
