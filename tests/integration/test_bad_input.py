@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import struct
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -243,3 +245,24 @@ async def test_untrustworthy_frames_close_only_that_connection(
             assert out == b"g" * 4096
     closed = [r.getMessage() for r in caplog.records if "event=closed reason=" in r.getMessage()]
     assert closed, "the server logs why it closed the connection"
+
+
+async def test_replies_in_completion_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow FLUSH does not hold back a READ sent after it on the same connection."""
+    real_fdatasync = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        time.sleep(0.5)
+        real_fdatasync(fd)
+
+    async with running_server(tmp_path) as server, raw(server.listen_address) as peer:  # type: ignore[arg-type]
+        h = await peer.handshake()
+        monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+        await peer.stream.send_all(
+            encode_frame(FlushRequest(tid=60, sub=0, handle=h)) + encode_frame(read(61, h, 0, 4096))
+        )
+        first, second = await peer.frame(), await peer.frame()
+        assert first is not None and second is not None
+        assert isinstance(first.message, Reply) and isinstance(second.message, Reply)
+        assert (first.message.tid, second.message.tid) == (61, 60)
+        assert len(first.data) == 4096 and second.message.errno == 0
