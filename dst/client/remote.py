@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import trio
 
 from dst.block import Bio, Limits, Op, split, validate_bio
+from dst.block.layer import closed_error
 from dst.client.link import Link, LinkBroken, open_link
 from dst.errors import BlockError, ConfigError, ProtocolError
 from dst.net.convert import page_runs
@@ -132,7 +133,7 @@ class RemoteVolume:
 
     async def submit(self, bio: Bio) -> None:
         if self._closed:
-            raise BlockError(errno.ESHUTDOWN, f"volume {self.config.volume!r} is closed")
+            raise closed_error(f"volume {self.config.volume!r}")
         validate_bio(bio, self._limits, self._size)
         pieces = split(bio, self._limits)
         txn = Transaction(len(pieces))
