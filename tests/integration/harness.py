@@ -58,51 +58,60 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class ServerProcess:
-    """`dst serve` in a child process, restartable on the same port and data."""
+class DstProcess:
+    """A `dst ...` command in a child process, restartable, ready once its port accepts."""
 
-    def __init__(self, data_dir: Path, port: int, volume: str, log_path: Path) -> None:
-        self.data_dir = data_dir
-        self.address = Address("127.0.0.1", port)
-        self.volume = volume
+    def __init__(self, argv: list[str], address: Address, log_path: Path) -> None:
+        self.argv = argv
+        self.address = address
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dst",
-                    "serve",
-                    "--listen",
-                    str(self.address),
-                    "--data",
-                    str(self.data_dir),
-                    "--volume",
-                    self.volume,
-                    "--insecure",
-                ],
-                stdout=log,
-                stderr=log,
+                [sys.executable, "-m", "dst", *self.argv], stdout=log, stderr=log
             )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"dst serve exited: {self.log_path.read_text()}")
+                raise RuntimeError(f"dst {self.argv[0]} exited: {self.log_path.read_text()}")
             try:
                 socket.create_connection((self.address.host, self.address.port), 0.2).close()
                 return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError("dst serve did not start listening")
+        raise RuntimeError(f"dst {self.argv[0]} did not start listening")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
             if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
                 self.proc.wait(10)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGCONT)
+        self.kill(signal.SIGKILL)
+
+
+class ServerProcess(DstProcess):
+    """`dst serve` on a free loopback port."""
+
+    def __init__(self, data_dir: Path, port: int, volume: str, log_path: Path) -> None:
+        self.data_dir = data_dir
+        self.volume = volume
+        address = Address("127.0.0.1", port)
+        argv = [
+            "serve",
+            "--listen",
+            str(address),
+            "--data",
+            str(data_dir),
+            "--volume",
+            volume,
+            "--insecure",
+        ]
+        super().__init__(argv, address, log_path)
 
 
 @contextmanager
@@ -111,5 +120,28 @@ def server_process(tmp_path: Path, volume: str = "vol0=64M") -> Iterator[ServerP
     try:
         yield sp
     finally:
-        sp.kill(signal.SIGCONT)
-        sp.kill(signal.SIGKILL)
+        sp.stop()
+
+
+@contextmanager
+def bridge_process(
+    tmp_path: Path, server: Address, volume: str = "vol0", *extra: str
+) -> Iterator[DstProcess]:
+    """`dst nbd` in front of ``server``; its NBD URI is ``nbd://{address}/{volume}``."""
+    address = Address("127.0.0.1", free_port())
+    argv = [
+        "nbd",
+        "--listen",
+        str(address),
+        "--server",
+        str(server),
+        "--volume",
+        volume,
+        "--insecure",
+        *extra,
+    ]
+    bp = DstProcess(argv, address, tmp_path / "bridge.log")
+    try:
+        yield bp
+    finally:
+        bp.stop()
