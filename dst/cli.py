@@ -1,4 +1,4 @@
-"""The ``dst`` command: ``serve``, ``up``, ``certs`` (more arrive with the bridge and
+"""The ``dst`` command: ``serve``, ``nbd``, ``up``, ``certs`` (more arrive with
 replication).  Every subcommand has ``--help``; configuration mistakes print one line naming
 the flag and value and exit 2; SIGINT/SIGTERM stop a running service cleanly with exit 0.
 """
@@ -23,8 +23,7 @@ from dst.server.volume import parse_size, parse_volume_spec
 
 log = logging.getLogger("dst")
 
-UP_LISTEN = "127.0.0.1:7410"
-UP_VOLUME = ("vol0", 1 << 30)
+UP_LISTEN = "127.0.0.1:10809"  # the NBD port
 
 
 def _page_size(text: str) -> int:
@@ -72,9 +71,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", default="", help="name in logs and handshakes")
     _add_security(p)
 
-    p = sub.add_parser("up", help="run the embedded default on loopback", parents=[common])
+    p = sub.add_parser(
+        "nbd",
+        help="serve a dst volume as an NBD export",
+        parents=[common],
+        description="Serve a dst volume to NBD clients (qemu, nbdcopy, nbdfuse, nbd-client). "
+        "The export is named after the volume.",
+    )
+    p.add_argument(
+        "--listen",
+        default=UP_LISTEN,
+        metavar="HOST:PORT",
+        help=f"NBD address (default {UP_LISTEN})",
+    )
+    p.add_argument(
+        "--server",
+        required=True,
+        action="append",
+        metavar="HOST:PORT",
+        help="a dst server holding the volume",
+    )
+    p.add_argument("--volume", required=True, metavar="NAME")
+    p.add_argument(
+        "--page-size",
+        type=_page_size,
+        default=4096,
+        metavar="BYTES",
+        help="the bridge's page size (segments of the bios it builds)",
+    )
+    p.add_argument("--node-id", default="", help="name in logs and handshakes")
+    _add_security(p)
+
+    p = sub.add_parser(
+        "up",
+        help="run the embedded default on loopback",
+        parents=[common],
+        description="A dst server and the NBD bridge on loopback, data in DIR.",
+    )
     p.add_argument("--data", type=Path, default=Path("dst-data"), metavar="DIR")
-    p.add_argument("--listen", default=UP_LISTEN, metavar="HOST:PORT")
+    p.add_argument(
+        "--listen",
+        default=UP_LISTEN,
+        metavar="HOST:PORT",
+        help=f"NBD address (default {UP_LISTEN})",
+    )
 
     p = sub.add_parser("certs", help="make a CA and node certificates", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -119,17 +159,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    listen: Address = parse_address(args.listen)
-    config = ServerConfig(data_dir=args.data, volumes=(UP_VOLUME,), listen=listen)
-    server = Server(config)
-    server.open_volumes(config.volumes)
+def cmd_nbd(args: argparse.Namespace) -> int:
+    from dst.services import BridgeConfig, run_bridge  # the bridge is not needed to serve
+
+    listen = parse_address(args.listen)
+    tls = TlsConfig.load(args.tls) if args.tls else None
+    if tls is None and not is_loopback(listen.host):
+        log.warning("listen=%s event=insecure_on_network (NBD in plaintext)", listen)
+    config = BridgeConfig(
+        listen=listen,
+        servers=tuple(parse_address(s) for s in args.server),
+        volume=args.volume,
+        page_size=args.page_size,
+        tls=tls,
+        node_id=args.node_id,
+    )
 
     async def main(nursery: trio.Nursery) -> None:
-        address = await nursery.start(server.serve)
+        address = await nursery.start(run_bridge, config)
+        print(f"dst nbd: nbd://{address}/{config.volume}", flush=True)
+
+    trio.run(_run_until_signal, main)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from dst.services import UP_VOLUME, run_up
+
+    listen: Address = parse_address(args.listen)
+    data_dir: Path = args.data.resolve()
+
+    async def main(nursery: trio.Nursery) -> None:
+        address = await nursery.start(run_up, data_dir, listen)
         name, size = UP_VOLUME
-        print(f"dst up: volume {name} ({size >> 20} MiB) served at dst://{address}/{name}")
-        print(f"        data in {args.data.resolve()}/{name}.img; Ctrl-C stops", flush=True)
+        uri = f"nbd://{address}/{name}"
+        print(f"dst up: {uri}  (volume {name}, {size >> 20} MiB, data in {data_dir})")
+        print(f"  inspect:  nbdinfo {uri}")
+        print(f"  copy in:  nbdcopy disk.img {uri}")
+        print(f"  mount:    mkdir -p mnt && nbdfuse mnt {uri} &   # then mnt/nbd is the disk:")
+        print("            losetup -f --show mnt/nbd; mkfs.ext4 /dev/loopN; mount /dev/loopN /mnt")
+        print(f"  qemu:     -drive file={uri},format=raw")
+        print("  Ctrl-C stops.", flush=True)
 
     trio.run(_run_until_signal, main)
     return 0
@@ -163,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "up":
             return cmd_up(args)
+        if args.command == "nbd":
+            return cmd_nbd(args)
     except (ConfigError, DstError, OSError) as exc:
         return _fail(args.command, exc)
     except BaseExceptionGroup as group:

@@ -1,0 +1,96 @@
+"""The long-running services behind ``dst nbd`` and ``dst up``, as async functions.
+
+``run_bridge`` attaches a volume through the client-side stack (today one ``RemoteVolume``)
+and serves it as an NBD export.  ``run_up`` is the embedded default: a server and the bridge
+in one process on loopback, for a laptop, a demo or a test.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from dst.client import open_remote
+from dst.errors import ConfigError
+from dst.nbd.bridge import NbdExport, serve_nbd
+from dst.net.endpoints import Address
+from dst.security.tls import TlsConfig
+from dst.server import Server, ServerConfig
+
+log = logging.getLogger("dst.bridge")
+
+UP_VOLUME = ("vol0", 1 << 30)
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    listen: Address
+    servers: tuple[Address, ...]
+    volume: str
+    page_size: int = 4096
+    tls: TlsConfig | None = None
+    node_id: str = ""
+
+
+async def run_bridge(
+    config: BridgeConfig, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve ``config.volume`` over NBD until cancelled; ``task_status`` gets the address."""
+    if len(config.servers) != 1:
+        raise ConfigError(
+            f"{len(config.servers)} servers given: following a primary among several needs "
+            "replication, and --mirror the mirror layer; give one --server for now"
+        )
+    async with open_remote(
+        config.servers[0],
+        config.volume,
+        tls=config.tls,
+        role="bridge",
+        node_id=config.node_id,
+        page_size=config.page_size,
+    ) as volume:
+        # Every NBD connection shares this one stack, and a FLUSH reaches the server's
+        # fdatasync, which covers every write any connection had acknowledged: so a flush on
+        # one connection covers all of them, which is what CAN_MULTI_CONN promises.
+        export = NbdExport(config.volume, volume, multi_conn=True)
+        log.info(
+            "volume=%s server=%s size=%d event=attached",
+            config.volume,
+            config.servers[0],
+            volume.size,
+        )
+        await serve_nbd(
+            config.listen,
+            [export],
+            tls=config.tls,
+            page_size=config.page_size,
+            task_status=task_status,
+        )
+
+
+async def run_up(
+    data_dir: Path,
+    listen: Address,
+    *,
+    task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A server on an ephemeral loopback port and the NBD bridge on ``listen``."""
+    server = Server(
+        ServerConfig(
+            data_dir=data_dir,
+            volumes=(UP_VOLUME,),
+            listen=Address("127.0.0.1", 0),
+            node_id="up-server",
+        )
+    )
+    server.open_volumes(server.config.volumes)
+    async with trio.open_nursery() as nursery:
+        server_address = await nursery.start(server.serve)
+        bridge = BridgeConfig(
+            listen=listen, servers=(server_address,), volume=UP_VOLUME[0], node_id="up-bridge"
+        )
+        nbd_address = await nursery.start(run_bridge, bridge)
+        task_status.started(nbd_address)
