@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-inflight", type=int, default=DEFAULT_MAX_INFLIGHT, metavar="N")
     p.add_argument("--node-id", default="", help="name in logs and handshakes")
+    p.add_argument("--peer", metavar="HOST:PORT", help="the other server of a replicated pair")
+    p.add_argument(
+        "--role",
+        choices=["primary", "secondary"],
+        help="this server's role in the pair (with --peer)",
+    )
     _add_security(p)
 
     p = sub.add_parser(
@@ -145,6 +151,8 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         max_bytes=args.max_bytes,
         max_inflight=args.max_inflight,
         node_id=args.node_id,
+        peer=parse_address(args.peer) if args.peer else None,
+        role=args.role or "standalone",
     )
 
 
@@ -193,7 +201,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         address = await nursery.start(run_up, data_dir, listen)
         name, size = UP_VOLUME
         uri = f"nbd://{address}/{name}"
-        print(f"dst up: {uri}  (volume {name}, {size >> 20} MiB, data in {data_dir})")
+        print(
+            f"dst up: {uri}  (volume {name}, {size >> 20} MiB, replicated: {data_dir}/primary"
+            f" and {data_dir}/secondary)"
+        )
         print(f"  inspect:  nbdinfo {uri}")
         print(f"  copy in:  nbdcopy disk.img {uri}")
         print(f"  mount:    mkdir -p mnt && nbdfuse mnt {uri} &   # then mnt/nbd is the disk:")

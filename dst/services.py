@@ -1,8 +1,8 @@
 """The long-running services behind ``dst nbd`` and ``dst up``, as async functions.
 
 ``run_bridge`` attaches a volume through the client-side stack (today one ``RemoteVolume``)
-and serves it as an NBD export.  ``run_up`` is the embedded default: a server and the bridge
-in one process on loopback, for a laptop, a demo or a test.
+and serves it as an NBD export.  ``run_up`` is the embedded default: a replicated pair and the
+bridge in one process on loopback, for a laptop, a demo or a test.
 """
 
 from __future__ import annotations
@@ -77,20 +77,31 @@ async def run_up(
     *,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """A server on an ephemeral loopback port and the NBD bridge on ``listen``."""
-    server = Server(
-        ServerConfig(
-            data_dir=data_dir,
-            volumes=(UP_VOLUME,),
-            listen=Address("127.0.0.1", 0),
-            node_id="up-server",
+    """A replicated pair (primary in ``DIR/primary``, secondary in ``DIR/secondary``) on
+    ephemeral loopback ports, and the NBD bridge on ``listen`` in front of the primary."""
+    loopback = Address("127.0.0.1", 0)
+
+    def server(role: str, peer: Address | None) -> Server:
+        srv = Server(
+            ServerConfig(
+                data_dir=data_dir / role,
+                volumes=(UP_VOLUME,),
+                listen=loopback,
+                node_id=f"up-{role}",
+                peer=peer,
+                role=role,
+            )
         )
-    )
-    server.open_volumes(server.config.volumes)
+        srv.open_volumes(srv.config.volumes)
+        return srv
+
     async with trio.open_nursery() as nursery:
-        server_address = await nursery.start(server.serve)
+        secondary = server("secondary", loopback)  # its peer address is only informational
+        secondary_address = await nursery.start(secondary.serve)
+        primary = server("primary", secondary_address)
+        primary_address = await nursery.start(primary.serve)
         bridge = BridgeConfig(
-            listen=listen, servers=(server_address,), volume=UP_VOLUME[0], node_id="up-bridge"
+            listen=listen, servers=(primary_address,), volume=UP_VOLUME[0], node_id="up-bridge"
         )
         nbd_address = await nursery.start(run_bridge, bridge)
         task_status.started(nbd_address)

@@ -63,6 +63,10 @@ class RemoteConfig:
     keepalive_s: float = 2.0
     # No frame at all for this long (pings included) and the connection is presumed dead.
     dead_after_s: float = 10.0
+    # False for a replication peer: when the link breaks, pending commands fail at once with
+    # ENOTCONN (the replication layer records them in its dirty bitmap) instead of waiting
+    # for a reconnect; reconnecting goes on in the background.
+    resend: bool = True
 
 
 @dataclass(eq=False, slots=True)
@@ -131,9 +135,23 @@ class RemoteVolume:
     def size(self) -> int:
         return self._size
 
+    @property
+    def connected(self) -> bool:
+        return self._link is not None
+
+    async def wait_connected(self) -> None:
+        while self._link is None:
+            await self._link_changed.wait()
+
+    async def wait_disconnected(self) -> None:
+        while self._link is not None:
+            await self._link_changed.wait()
+
     async def submit(self, bio: Bio) -> None:
         if self._closed:
             raise closed_error(f"volume {self.config.volume!r}")
+        if self._slots is None or (self._link is None and not self.config.resend):
+            raise BlockError(errno.ENOTCONN, f"not connected to {self.config.address}")
         validate_bio(bio, self._limits, self._size)
         pieces = split(bio, self._limits)
         txn = Transaction(len(pieces))
@@ -186,6 +204,9 @@ class RemoteVolume:
         while True:
             link = self._link
             if link is None:
+                if not self.config.resend:
+                    self._complete(cmd, BlockError(errno.ENOTCONN, "peer link down"))
+                    return
                 if self._giving_up:
                     self._complete(cmd, BlockError(errno.EIO, self._down_message()))
                     return
@@ -268,7 +289,7 @@ class RemoteVolume:
         if self._slots is None:
             self._slots = trio.Semaphore(link.max_inflight)
 
-    async def run(self, first: Link, *, task_status: trio.TaskStatus[None]) -> None:
+    async def run(self, first: Link | None, *, task_status: trio.TaskStatus[None]) -> None:
         """Supervise the connection forever: run a link, and when it breaks, get another."""
         link: Link | None = first
         task_status.started()
@@ -280,6 +301,8 @@ class RemoteVolume:
                 await self._run_link(link)
                 self.stats.reconnects += 1
                 link = None
+                if self._closed:
+                    return
             try:
                 link = await self._connect()
                 self._adopt(link)
@@ -294,7 +317,10 @@ class RemoteVolume:
                 trio.TooSlowError,
             ) as exc:
                 failures += 1
-                log.warning(
+                # The first failure is news; a peer retrying for hours should not flood the log.
+                level = logging.WARNING if failures == 1 or failures % 60 == 0 else logging.DEBUG
+                log.log(
+                    level,
                     "volume=%s server=%s attempt=%d event=connect_failed reason=%r",
                     self.config.volume,
                     self.config.address,
@@ -327,6 +353,8 @@ class RemoteVolume:
                 nursery.cancel_scope.cancel()
         finally:
             self._set_link(None)
+            if not self.config.resend:
+                self._fail_all(BlockError(errno.ENOTCONN, f"peer link lost: {link.reason}"))
             await trio.aclose_forcefully(link.framed.stream)
         log.warning(
             "volume=%s server=%s event=disconnected reason=%r pending=%d",

@@ -17,8 +17,11 @@ from pathlib import Path
 import trio
 
 from dst.block import Limits
+from dst.client.remote import RemoteVolume
+from dst.errors import ConfigError
 from dst.net.endpoints import Address, serve
 from dst.net.framed import FramedStream
+from dst.replication.peer import open_peer
 from dst.security.tls import TlsConfig
 from dst.server.pool import PagePool
 from dst.server.session import Session
@@ -47,6 +50,9 @@ class ServerConfig:
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     pool_bytes: int = DEFAULT_POOL_BYTES
     node_id: str = ""
+    #: Replication: the other server, and this one's role for the volumes.
+    peer: Address | None = None
+    role: str = "standalone"  # "primary" | "secondary" | "standalone"
 
 
 class Server:
@@ -61,12 +67,22 @@ class Server:
         self.features = FEATURES
         self.pool = PagePool(config.page_size, max(config.pool_bytes, config.max_bytes))
         self.volumes: dict[str, Volume] = {}
+        self.peers: list[RemoteVolume] = []
+        if (config.peer is None) != (config.role == "standalone"):
+            raise ConfigError(
+                f"role {config.role!r} with peer {config.peer}: --peer and --role go together"
+            )
         self.stats: Counter[str] = Counter()
         self.listen_address: Address | None = None
 
     def open_volumes(self, specs: Iterable[tuple[str, int]]) -> None:
         for name, size in specs:
-            volume = Volume.open(self.config.data_dir, name, size, limits=self.limits)
+            peer = None
+            if self.config.role == "primary":
+                assert self.config.peer is not None
+                peer = open_peer(self.config.peer, name, self.config.tls, self.node_id)
+                self.peers.append(peer)
+            volume = Volume.open(self.config.data_dir, name, size, limits=self.limits, peer=peer)
             self.volumes[name] = volume
             log.info(
                 "volume=%s size=%d epoch=%d path=%s event=opened",
@@ -88,17 +104,23 @@ class Server:
             self.open_volumes(self.config.volumes)
         try:
             async with trio.open_nursery() as nursery:
+                for volume in self.volumes.values():
+                    if volume.replicated is not None:
+                        await nursery.start(volume.replicated.peer.run, None)
+                        nursery.start_soon(volume.replicated.run_resync)
                 listeners = await nursery.start(
                     serve, self.config.listen, self.config.tls, self._on_connection
                 )
                 host, port = listeners[0].socket.getsockname()[:2]
                 self.listen_address = Address(str(host), int(port))
                 log.info(
-                    "node=%s listen=%s tls=%s page_size=%d event=serving",
+                    "node=%s listen=%s tls=%s page_size=%d role=%s peer=%s event=serving",
                     self.node_id,
                     self.listen_address,
                     "on" if self.config.tls else "off",
                     self.page_size,
+                    self.config.role,
+                    self.config.peer,
                 )
                 task_status.started(self.listen_address)
         finally:

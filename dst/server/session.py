@@ -79,6 +79,7 @@ class Session:
             "server", max_bytes=server.limits.max_bytes, max_inflight=server.max_inflight
         )
         self.node = "?"
+        self.role = "?"
         self.handles: dict[int, Volume] = {}
         self.slots = trio.Semaphore(server.max_inflight)
 
@@ -122,6 +123,7 @@ class Session:
             raise ProtocolError(f"expected Hello first, got {type(hello).__name__}")
         self.conn.receive(prefix, hello)
         self.node = hello.node_id
+        self.role = hello.role
         refusal = self._refusal(hello)
         if refusal is not None:
             code, text = refusal
@@ -241,6 +243,17 @@ class Session:
                         sub=0,
                         errno=errno.ENOENT,
                         message=f"volume {msg.volume!r} does not exist on this server",
+                    )
+                )
+                return
+            if self.server.config.role == "secondary" and self.role != "replica":
+                await self._reply(
+                    Reply(
+                        tid=msg.tid,
+                        sub=0,
+                        errno=errno.EROFS,
+                        message=f"volume {msg.volume!r} is secondary on this server; "
+                        "only its primary writes to it",
                     )
                 )
                 return

@@ -4,11 +4,12 @@ On disk, in the server's data directory:
 
 - ``NAME.img`` — the data, one file of exactly the volume's size (sparse when created), so an
   operator can ``cmp``, ``qemu-img info`` or loop-mount it offline;
+- ``NAME.bitmap`` — on a replication primary, the persistent out-of-sync bitmap;
 - ``NAME.meta.json`` — small metadata (size, volume uuid, epoch), replaced atomically
   (write a temporary file, fsync it, rename, fsync the directory).
 
-The volume's stack on the server is built here: today ``FileStore`` at the bottom; fencing and
-replication layers go on top of it.
+The volume's stack on the server is built here: ``FileStore`` at the bottom, and on a
+replication primary ``Replicated`` over it; fencing goes on top.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dst.block import BlockLayer, FileStore, Limits
+from dst.client.remote import RemoteVolume
 from dst.errors import ConfigError
+from dst.replication.bitmap import DirtyBitmap
+from dst.replication.layer import Replicated
 
 # Names become file names; keep them portable and unable to escape the data directory.
 VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -67,10 +71,18 @@ class VolumeMeta:
 class Volume:
     """A named volume: its block stack (``layer``) and its persisted metadata."""
 
-    def __init__(self, data_dir: Path, meta: VolumeMeta, layer: BlockLayer) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        meta: VolumeMeta,
+        layer: BlockLayer,
+        replicated: Replicated | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.meta = meta
         self.layer = layer
+        #: Set on a replication primary: the layer that also writes to the peer.
+        self.replicated = replicated
 
     @property
     def name(self) -> str:
@@ -89,9 +101,18 @@ class Volume:
         return self.layer.limits
 
     @classmethod
-    def open(cls, data_dir: Path, name: str, size: int, *, limits: Limits) -> Volume:
+    def open(
+        cls,
+        data_dir: Path,
+        name: str,
+        size: int,
+        *,
+        limits: Limits,
+        peer: RemoteVolume | None = None,
+    ) -> Volume:
         """Open (or create) ``name`` in ``data_dir``; a size that disagrees with the existing
-        volume is a ConfigError rather than a silent resize."""
+        volume is a ConfigError rather than a silent resize.  With ``peer`` (a replication
+        primary) the stack is Replicated(FileStore, peer) with ``NAME.bitmap`` beside it."""
         check_volume_name(name)
         data_dir.mkdir(parents=True, exist_ok=True)
         meta_path = data_dir / f"{name}.meta.json"
@@ -107,7 +128,11 @@ class Volume:
         store = FileStore.open(data_dir / f"{name}.img", size, create=True, limits=limits)
         if not meta_path.exists():
             write_meta_atomically(meta_path, meta)
-        return cls(data_dir, meta, store)
+        if peer is None:
+            return cls(data_dir, meta, store)
+        bitmap = DirtyBitmap.open(data_dir / f"{name}.bitmap", size)
+        replicated = Replicated(store, peer, bitmap)
+        return cls(data_dir, meta, replicated, replicated)
 
     async def aclose(self) -> None:
         await self.layer.aclose()

@@ -31,6 +31,9 @@ async def running_server(
     max_bytes: int = 1 << 20,
     max_inflight: int = 64,
     pool_bytes: int = 64 << 20,
+    peer: Address | None = None,
+    role: str = "standalone",
+    node_id: str = "test-server",
 ) -> AsyncIterator[Server]:
     config = ServerConfig(
         data_dir=data_dir,
@@ -41,7 +44,9 @@ async def running_server(
         max_bytes=max_bytes,
         max_inflight=max_inflight,
         pool_bytes=pool_bytes,
-        node_id="test-server",
+        node_id=node_id,
+        peer=peer,
+        role=role,
     )
     server = Server(config)
     async with trio.open_nursery() as nursery:
@@ -97,20 +102,12 @@ class DstProcess:
 class ServerProcess(DstProcess):
     """`dst serve` on a free loopback port."""
 
-    def __init__(self, data_dir: Path, port: int, volume: str, log_path: Path) -> None:
+    def __init__(self, data_dir: Path, port: int, volume: str, log_path: Path, *extra: str) -> None:
         self.data_dir = data_dir
         self.volume = volume
         address = Address("127.0.0.1", port)
-        argv = [
-            "serve",
-            "--listen",
-            str(address),
-            "--data",
-            str(data_dir),
-            "--volume",
-            volume,
-            "--insecure",
-        ]
+        argv = ["serve", "--listen", str(address), "--data", str(data_dir), "--volume", volume]
+        argv += ["--insecure", *extra]
         super().__init__(argv, address, log_path)
 
 
@@ -121,6 +118,39 @@ def server_process(tmp_path: Path, volume: str = "vol0=64M") -> Iterator[ServerP
         yield sp
     finally:
         sp.stop()
+
+
+@contextmanager
+def pair_processes(
+    tmp_path: Path, volume: str = "vol0=64M"
+) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """A replicated pair (primary, secondary) of `dst serve` processes, not yet started."""
+    pport, sport = free_port(), free_port()
+    secondary = ServerProcess(
+        tmp_path / "secondary",
+        sport,
+        volume,
+        tmp_path / "secondary.log",
+        "--peer",
+        f"127.0.0.1:{pport}",
+        "--role",
+        "secondary",
+    )
+    primary = ServerProcess(
+        tmp_path / "primary",
+        pport,
+        volume,
+        tmp_path / "primary.log",
+        "--peer",
+        f"127.0.0.1:{sport}",
+        "--role",
+        "primary",
+    )
+    try:
+        yield primary, secondary
+    finally:
+        primary.stop()
+        secondary.stop()
 
 
 @contextmanager

@@ -188,11 +188,9 @@ async def test_dst_up_serves_nbd_stops_cleanly_and_keeps_data(tmp_path: Path) ->
             assert info["exports"][0]["export-size"] == 1 << 30
             if round_ == 0:
                 await run(["nbdcopy", str(src), uri])
-            out = tmp_path / f"out{round_}.img"
-            await run(["nbdcopy", "--requests=4", uri, str(out)])
-            with open(out, "rb") as f:
-                assert f.read(4 * MiB) == src.read_bytes()
-            out.unlink()
+            script = f"import sys; sys.stdout.buffer.write(h.pread({4 * MiB}, 0))"
+            got = await run(["nbdsh", "-u", uri, "-c", script], debian=True)
+            assert got.stdout == src.read_bytes()
             proc.send_signal(signal.SIGINT)
             assert await trio.to_thread.run_sync(proc.wait, 15) == 0
         finally:
@@ -202,4 +200,7 @@ async def test_dst_up_serves_nbd_stops_cleanly_and_keeps_data(tmp_path: Path) ->
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
-    assert os.path.getsize(tmp_path / "data" / "vol0.img") == 1 << 30
+    primary, secondary = tmp_path / "data" / "primary", tmp_path / "data" / "secondary"
+    assert os.path.getsize(primary / "vol0.img") == 1 << 30
+    # `dst up` is a replicated pair: both data files hold the volume
+    await run(["cmp", str(primary / "vol0.img"), str(secondary / "vol0.img")])

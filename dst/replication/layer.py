@@ -1,0 +1,250 @@
+"""Replicated: the primary's block layer — every write on the local store and on the peer.
+
+```
+ Session → Replicated ─┬─ local: FileStore
+                       └─ peer:  RemoteVolume(secondary, role replica, no resend)
+```
+
+Protocol C (DRBD's): a write is acknowledged when both the local store and the peer have
+completed it; FLUSH and FUA complete when they are stable on both.  Reads are served locally.
+
+**32 KiB segmentation.**  The layer's own limits carry ``boundary = 32 KiB`` and fold into what
+the server announces, so clients split before sending; and every bio that reaches this layer
+is split again with the generic splitter (a no-op for a well-behaved client) so nothing sent
+to the peer ever crosses a 32 KiB multiple, whatever its shape (seed 000).
+
+**Write ordering.**  Overlapping writes must land in the same order on both replicas.  A write
+waits until no in-flight write overlaps its range before it is issued to both sides (DRBD's
+conflict detection, done by waiting); non-overlapping writes proceed in parallel.
+
+**Degraded mode.**  When the peer is unreachable (or a peer write fails), the range is marked
+in the persistent dirty bitmap, the bitmap is flushed, and only then is the write
+acknowledged: an acknowledged write the peer lacks is always on disk in the bitmap.
+
+**Resync.**  A background task waits for the peer link; while dirty extents exist and the
+link is up, it copies each one (read locally under the extent's write lock, write to the
+peer), clears its bit, and flushes the bitmap now and then; a token bucket bounds the rate.
+Progress and rate are in ``statistics()``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from dst.block import Bio, Limits, Op, split
+from dst.block.layer import BlockLayer
+from dst.client.remote import RemoteVolume
+from dst.errors import BlockError
+from dst.replication.bitmap import DirtyBitmap
+
+log = logging.getLogger("dst.replication")
+
+#: DRBD's segmentation boundary: no request to the peer crosses a multiple of it.
+REPLICATION_BOUNDARY = 32 * 1024
+#: Default resync rate cap, bytes/s: leaves most of a gigabit link and disk to the workload.
+DEFAULT_RESYNC_RATE = 64 << 20
+#: Flush cleared bits to disk after this many resynced bytes (a lost clear costs a re-copy).
+RESYNC_FLUSH_EVERY = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationStatistics:
+    peer_connected: bool
+    out_of_sync_bytes: int
+    resync_total_bytes: int
+    resync_done_bytes: int
+    resync_rate_bytes_s: float
+    resynced_bytes: int
+    degraded_writes: int
+    degraded_bytes: int
+
+
+class Replicated:
+    def __init__(
+        self,
+        local: BlockLayer,
+        peer: RemoteVolume,
+        bitmap: DirtyBitmap,
+        *,
+        resync_rate: int = DEFAULT_RESYNC_RATE,
+    ) -> None:
+        self.local = local
+        self.peer = peer
+        self.bitmap = bitmap
+        self.resync_rate = resync_rate
+        self._limits = Limits(boundary=REPLICATION_BOUNDARY).stack(local.limits)
+        self._writes: list[tuple[int, int, trio.Event]] = []
+        self._resync_total = 0
+        self._resync_done = 0
+        self._resync_rate = 0.0
+        self._resynced = 0
+        self._degraded_writes = 0
+        self._degraded_bytes = 0
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def size(self) -> int:
+        return self.local.size
+
+    # -- I/O ---------------------------------------------------------------------------------
+
+    async def submit(self, bio: Bio) -> None:
+        if bio.op is Op.READ:
+            await self.local.submit(bio)
+            return
+        if bio.op is Op.FLUSH:
+            await self._both(bio, bio)
+            return
+        pieces = split(bio, self._limits)
+        async with trio.open_nursery() as nursery:
+            for piece in pieces:
+                nursery.start_soon(self._write, piece)
+
+    @asynccontextmanager
+    async def _locked(self, start: int, end: int) -> AsyncIterator[None]:
+        """Hold [start, end) against every overlapping write or resync copy."""
+        while True:
+            busy = next((ev for s, e, ev in self._writes if s < end and start < e), None)
+            if busy is None:
+                break
+            await busy.wait()
+        entry = (start, end, trio.Event())
+        self._writes.append(entry)
+        try:
+            yield
+        finally:
+            self._writes.remove(entry)
+            entry[2].set()
+
+    async def _write(self, piece: Bio) -> None:
+        async with self._locked(piece.offset, piece.offset + piece.length):
+            await self._both(piece, piece)
+
+    async def _both(self, local_bio: Bio, peer_bio: Bio) -> None:
+        """Run a bio on both sides; a peer failure degrades (bitmap), a local one fails."""
+        peer_error: BlockError | None = None
+        local_error: BlockError | None = None
+
+        async def on_peer() -> None:
+            nonlocal peer_error
+            try:
+                await self.peer.submit(peer_bio)
+            except BlockError as exc:
+                peer_error = exc
+
+        async def on_local() -> None:
+            nonlocal local_error
+            try:
+                await self.local.submit(local_bio)
+            except BlockError as exc:
+                local_error = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(on_local)
+            if self.peer.connected:
+                nursery.start_soon(on_peer)
+            else:
+                peer_error = BlockError(errno.ENOTCONN, "peer not connected")
+        if local_error is not None:
+            if peer_error is None and local_bio.op is not Op.FLUSH:
+                # The bio fails, but the peer may hold it and we may not: mark the range so a
+                # resync makes the replicas agree again (on our bytes).
+                if self.bitmap.mark(local_bio.offset, local_bio.length):
+                    await trio.to_thread.run_sync(self.bitmap.flush)
+            raise local_error
+        if peer_error is not None and local_bio.op is not Op.FLUSH:
+            await self._degrade(local_bio, peer_error)
+
+    async def _degrade(self, bio: Bio, why: BlockError) -> None:
+        """Record a write the peer did not get, durably, before it is acknowledged."""
+        self._degraded_writes += 1
+        self._degraded_bytes += bio.length
+        if self.bitmap.mark(bio.offset, bio.length):
+            await trio.to_thread.run_sync(self.bitmap.flush)
+        if self._degraded_writes == 1 or self._degraded_writes % 1000 == 0:
+            log.warning(
+                "event=degraded_write offset=%d length=%d reason=%r out_of_sync=%d",
+                bio.offset,
+                bio.length,
+                str(why),
+                self.bitmap.dirty_bytes,
+            )
+
+    # -- resync --------------------------------------------------------------------------
+
+    async def run_resync(self) -> None:
+        """Forever: when the peer is connected and extents are dirty, copy them over."""
+        while True:
+            await self.peer.wait_connected()
+            if self.bitmap.dirty_bytes:
+                await self._resync_pass()
+            await trio.sleep(0.2)
+
+    async def _resync_pass(self) -> None:
+        self._resync_total = self.bitmap.dirty_bytes
+        self._resync_done = 0
+        started = trio.current_time()
+        since_flush = 0
+        step = self.bitmap.extent_size
+        log.info("event=resync_started out_of_sync=%d", self._resync_total)
+        buf = memoryview(bytearray(step))
+        try:
+            for offset, length in list(self.bitmap.dirty_extents()):
+                for pos in range(offset, min(offset + length, self.size), step):
+                    n = min(step, self.size - pos)
+                    await self._copy(pos, buf[:n])
+                    self._resync_done += n
+                    self._resynced += n
+                    since_flush += n
+                    elapsed = trio.current_time() - started
+                    self._resync_rate = self._resync_done / elapsed if elapsed else 0.0
+                    ahead = self._resync_done / self.resync_rate - elapsed  # token bucket
+                    if ahead > 0:
+                        await trio.sleep(ahead)
+                    if since_flush >= RESYNC_FLUSH_EVERY:
+                        since_flush = 0
+                        await trio.to_thread.run_sync(self.bitmap.flush)
+            await self.peer.submit(Bio(Op.FLUSH, 0, 0))
+            await trio.to_thread.run_sync(self.bitmap.flush)
+        except BlockError as exc:
+            log.warning("event=resync_interrupted done=%d reason=%r", self._resync_done, str(exc))
+            return
+        log.info(
+            "event=resync_finished bytes=%d seconds=%.2f",
+            self._resync_done,
+            trio.current_time() - started,
+        )
+
+    async def _copy(self, offset: int, view: memoryview) -> None:
+        """Copy one extent local → peer and clear its bit, all under the extent's lock: a
+        write racing the copy lands on both sides after it, and a write that degrades marks
+        the extent after the clear, never before it."""
+        async with self._locked(offset, offset + len(view)):
+            await self.local.submit(Bio.from_buffer(Op.READ, offset, view))
+            for piece in split(Bio.from_buffer(Op.WRITE, offset, view), self._limits):
+                await self.peer.submit(piece)
+            self.bitmap.clear(offset, len(view))
+
+    def statistics(self) -> ReplicationStatistics:
+        return ReplicationStatistics(
+            peer_connected=self.peer.connected,
+            out_of_sync_bytes=self.bitmap.dirty_bytes,
+            resync_total_bytes=self._resync_total,
+            resync_done_bytes=self._resync_done,
+            resync_rate_bytes_s=self._resync_rate,
+            resynced_bytes=self._resynced,
+            degraded_writes=self._degraded_writes,
+            degraded_bytes=self._degraded_bytes,
+        )
+
+    async def aclose(self) -> None:
+        await self.local.aclose()

@@ -1,0 +1,34 @@
+"""The primary's link to its secondary: a RemoteVolume in replica role that never waits.
+
+Unlike a user's client, the replication link must not hold writes while it reconnects: a write
+the peer cannot take *now* is recorded in the dirty bitmap and acknowledged on the local copy
+alone (degraded mode), and the resync brings the peer up to date when it is back.  So the link
+is made with ``resend=False`` (pending commands fail with ENOTCONN the moment the link breaks)
+and a short keepalive, and it keeps reconnecting in the background forever.
+"""
+
+from __future__ import annotations
+
+from dst.client.remote import RemoteConfig, RemoteVolume
+from dst.net.endpoints import Address
+from dst.security.tls import TlsConfig
+
+#: A silent peer is declared gone after this long; writes meanwhile wait, so keep it short.
+PEER_DEAD_AFTER_S = 3.0
+PEER_KEEPALIVE_S = 0.5
+
+
+def open_peer(address: Address, volume: str, tls: TlsConfig | None, node_id: str) -> RemoteVolume:
+    """A replication link to ``volume`` on ``address``; start it with
+    ``nursery.start(peer.run, None)``."""
+    config = RemoteConfig(
+        address,
+        volume,
+        tls=tls,
+        role="replica",
+        node_id=f"{node_id}/replication",
+        keepalive_s=PEER_KEEPALIVE_S,
+        dead_after_s=PEER_DEAD_AFTER_S,
+        resend=False,
+    )
+    return RemoteVolume(config)
