@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"NBD address (default {UP_LISTEN})",
     )
 
+    p = sub.add_parser(
+        "status",
+        help="show a server's role, connections and replication state",
+        parents=[common],
+    )
+    p.add_argument("--server", required=True, metavar="HOST:PORT")
+    p.add_argument("--json", action="store_true", help="the raw status document")
+    p.add_argument("--tls", metavar="DIR", type=Path, help="node directory from `dst certs issue`")
+
     p = sub.add_parser("certs", help="make a CA and node certificates", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -216,6 +225,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from dst.admin import fetch_status, render_status
+
+    tls = TlsConfig.load(args.tls) if args.tls else None
+    doc = trio.run(fetch_status, parse_address(args.server), tls)
+    print(json.dumps(doc, indent=2, default=dict) if args.json else render_status(doc))
+    return 0
+
+
 def _first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
@@ -246,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_up(args)
         if args.command == "nbd":
             return cmd_nbd(args)
+        if args.command == "status":
+            return cmd_status(args)
     except (ConfigError, DstError, OSError) as exc:
         return _fail(args.command, exc)
     except BaseExceptionGroup as group:

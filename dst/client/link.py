@@ -165,31 +165,38 @@ async def open_link(
     framed, _server_role = await connect(address, tls)
     try:
         with trio.fail_after(SETUP_TIMEOUT_S):
-            conn = Connection("client")
-            own = Limits(page_size=page_size)
-            hello = Hello(
-                versions=(PROTOCOL_VERSION, PROTOCOL_VERSION),
-                node_id=node_id,
-                role=role,
-                page_size=page_size,
-                limits=limits_to_wire(own),
-                features=FEATURES,
-                max_inflight=0,
-            )
-            conn.send(hello)
-            await framed.send(encode_frame(hello))
-            welcome = await _expect(framed, conn, Welcome)
+            conn, welcome = await handshake(framed, role=role, node_id=node_id, page_size=page_size)
             attach = Attach(tid=tid, volume=volume, epoch=0)
             conn.send(attach)
             await framed.send(encode_frame(attach))
-            attached = await _expect(framed, conn, Attached)
+            attached = await expect(framed, conn, Attached)
     except BaseException:
         await trio.aclose_forcefully(framed.stream)
         raise
     return Link(framed, conn, welcome, attached, generation, owner)
 
 
-async def _expect(framed: FramedStream, conn: Connection, kind: type[T]) -> T:
+async def handshake(
+    framed: FramedStream, *, role: str, node_id: str, page_size: int
+) -> tuple[Connection, Welcome]:
+    """Hello → Welcome on a fresh stream (the caller bounds the time)."""
+    conn = Connection("client")
+    hello = Hello(
+        versions=(PROTOCOL_VERSION, PROTOCOL_VERSION),
+        node_id=node_id,
+        role=role,
+        page_size=page_size,
+        limits=limits_to_wire(Limits(page_size=page_size)),
+        features=FEATURES,
+        max_inflight=0,
+    )
+    conn.send(hello)
+    await framed.send(encode_frame(hello))
+    return conn, await expect(framed, conn, Welcome)
+
+
+async def expect(framed: FramedStream, conn: Connection, kind: type[T]) -> T:
+    """The next message, which must be a ``kind`` (a Goodbye or error Reply raises)."""
     head = await framed.read_head()
     if head is None:
         raise trio.BrokenResourceError("server closed the connection during setup")

@@ -73,6 +73,8 @@ class Server:
                 f"role {config.role!r} with peer {config.peer}: --peer and --role go together"
             )
         self.stats: Counter[str] = Counter()
+        self.sessions: Counter[str] = Counter()  # live sessions by peer role
+        self.started_at = 0.0
         self.listen_address: Address | None = None
 
     def open_volumes(self, specs: Iterable[tuple[str, int]]) -> None:
@@ -102,6 +104,7 @@ class Server:
         """Open the volumes, listen, and serve until cancelled."""
         if not self.volumes:
             self.open_volumes(self.config.volumes)
+        self.started_at = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
                 for volume in self.volumes.values():

@@ -26,6 +26,7 @@ from dst.errors import BlockError, ProtocolError
 from dst.net.convert import limits_to_wire
 from dst.net.framed import FramedStream, describe
 from dst.server.pool import Pages
+from dst.server.status import status_document
 from dst.wire import (
     PROTOCOL_VERSION,
     Attach,
@@ -40,6 +41,8 @@ from dst.wire import (
     Pong,
     ReadRequest,
     Reply,
+    StatusReply,
+    StatusRequest,
     TrimRequest,
     Welcome,
     WriteRequest,
@@ -95,8 +98,12 @@ class Session:
         try:
             if not await self._handshake():
                 return
-            async with trio.open_nursery() as nursery:
-                await self._read_loop(nursery)
+            self.server.sessions[self.role] += 1
+            try:
+                async with trio.open_nursery() as nursery:
+                    await self._read_loop(nursery)
+            finally:
+                self.server.sessions[self.role] -= 1
                 # Clean EOF: requests already running finish and answer before we close.
         except* ProtocolError as group:
             reason = "; ".join(str(e) for e in group.exceptions)
@@ -191,6 +198,8 @@ class Session:
                 nursery.start_soon(self._answer, msg.tid, msg.sub, msg.errno, msg.message)
             elif isinstance(msg, Attach):
                 nursery.start_soon(self._attach, msg)
+            elif isinstance(msg, StatusRequest):
+                nursery.start_soon(self._status, msg)
             elif isinstance(msg, DataRequest):
                 pages: Pages | None = None
                 if isinstance(msg, WriteRequest):
@@ -232,6 +241,12 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The peer is gone; it will resend what it still wants on its next connection.
             pass
+
+    async def _status(self, msg: StatusRequest) -> None:
+        try:
+            await self._reply(StatusReply(tid=msg.tid, status=status_document(self.server)))
+        finally:
+            self.slots.release()
 
     async def _attach(self, msg: Attach) -> None:
         try:

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import errno
 import filecmp
+import json
 import random
+import re
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from dst.client import open_remote
 from dst.errors import BlockError
 from dst.net.endpoints import Address
 from tests.integration.harness import ServerProcess, free_port, running_server
+from tests.integration.nbdtools import run
 
 MiB = 1 << 20
 HOT = 8 * MiB
@@ -168,3 +172,28 @@ async def test_secondary_killed_under_load_is_resynced_with_dirty_extents_only(
         assert same_files(tmp_path / "primary" / "vol0.img", tmp_path / "secondary" / "vol0.img")
     finally:
         sec.stop()
+
+
+async def test_dst_status_shows_roles_connection_and_out_of_sync(tmp_path: Path) -> None:
+    async with running_server(
+        tmp_path / "secondary", VOLUME, peer=Address("127.0.0.1", 1), role="secondary"
+    ) as secondary:
+        assert secondary.listen_address is not None
+        async with running_server(
+            tmp_path / "primary", VOLUME, peer=secondary.listen_address, role="primary"
+        ) as primary:
+            rep = primary.volumes["vol0"].replicated
+            assert rep is not None and primary.listen_address is not None
+            with trio.fail_after(10):
+                await rep.peer.wait_connected()
+            dst = [sys.executable, "-m", "dst", "status", "--server"]
+            out = await run([*dst, str(primary.listen_address), "--json"])
+            doc = json.loads(out.stdout)
+            assert doc["role"] == "primary"
+            vol = doc["volumes"]["vol0"]
+            assert (vol["connection"], vol["out_of_sync_bytes"]) == ("connected", 0)
+            out = await run([*dst, str(secondary.listen_address), "--json"])
+            doc = json.loads(out.stdout)
+            assert doc["role"] == "secondary" and doc["sessions"]["replica"] == 1
+            table = (await run([*dst, str(primary.listen_address)])).stdout.decode()
+            assert re.search(r"vol0\s+64\.0 MiB\s+connected\s+up-to-date\s+up-to-date", table)
