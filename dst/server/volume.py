@@ -125,12 +125,17 @@ class Volume:
                 )
         else:
             meta = VolumeMeta(name=name, size=size, uuid=str(uuid.uuid4()), epoch=1)
-        store = FileStore.open(data_dir / f"{name}.img", size, create=True, limits=limits)
+        image = data_dir / f"{name}.img"
+        had_data = image.exists()
+        store = FileStore.open(image, size, create=True, limits=limits)
         if not meta_path.exists():
             write_meta_atomically(meta_path, meta)
         if peer is None:
             return cls(data_dir, meta, store)
-        bitmap = DirtyBitmap.open(data_dir / f"{name}.bitmap", size)
+        # An existing volume without a bitmap may hold writes its peer lacks: all dirty.
+        bitmap_path = data_dir / f"{name}.bitmap"
+        create_dirty = had_data and not bitmap_path.exists()
+        bitmap = DirtyBitmap.open(bitmap_path, size, create_dirty=create_dirty)
         replicated = Replicated(store, peer, bitmap)
         return cls(data_dir, meta, replicated, replicated)
 
