@@ -13,7 +13,9 @@ Data never passes through msgpack and the encoder never copies it:
 :func:`encode_frame` returns header + meta, and the caller sends its data
 buffers after them (``sendmsg``); a receiver reads data straight into its
 own buffers and hands them to :func:`check_data`.  A forwarder passes the ``data_crc`` it
-received, so a replica checks the client's crc end to end.
+received, so a replica checks the client's crc end to end.  The data of a
+ChecksumRequest's reply is the crc32c list :func:`pack_checksums` makes and
+:func:`unpack_checksums` reads.
 
 Every malformed input raises :class:`~dst.errors.RemoteProtocolError` and
 nothing else; a sound frame holding a request that cannot be accepted
@@ -38,7 +40,7 @@ from dst.errors import LocalProtocolError, RemoteProtocolError
 from dst.wire import messages as m
 from dst.wire.messages import (
     REQUEST_TYPES,
-    Attach,
+    TID_ONLY_TYPES,
     BadRequest,
     Errno,
     Message,
@@ -48,6 +50,7 @@ from dst.wire.messages import (
 )
 from dst.wire.messages import FrameFlags as FrameFlags  # re-exported: part of the codec API
 from dst.wire.rules import (
+    CHECKSUM_SIZE,
     LIMIT_KEYS,
     MAX_PAGE_RUNS,
     U16_MAX,
@@ -63,15 +66,17 @@ MAGIC = 0x44535446  # "DSTF"
 FRAME_VERSION = 1  # the layout of the 24 header bytes; see PROTOCOL_VERSION for messages
 PROTOCOL_VERSION = 1  # the message set; negotiated by Hello/Welcome
 # The meta map holds a few ids and, for reads and writes, the page runs; the
-# largest legitimate one (MAX_PAGE_RUNS runs of at most 16 bytes, plus < 200
-# bytes of ids) stays below 33 KiB.  The cap bounds what a peer can make us
-# buffer before the header crc is checked.
+# largest request (MAX_PAGE_RUNS runs of at most 16 bytes, plus < 200 bytes of
+# ids) stays below 33 KiB, and a StatusReply's tree may use the rest.  The cap
+# bounds what a peer can make us buffer before the header crc is checked; the
+# encoder refuses a frame whose meta would pass it.
 MAX_META_LEN = 64 * 1024
 # The smallest msgpack map (0x80, empty) is one byte: a frame needs a map.
 MIN_META_LEN = 1
 
 _HEADER = struct.Struct(">IBBHIIII")
 _HEAD20 = struct.Struct(">IBBHIII")  # the bytes the header crc covers, before the meta
+_CHECKSUM = struct.Struct(">I")  # one crc32c in a ChecksumRequest's reply data
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +101,7 @@ class Frame:
 # -- field kinds: the shape each msgpack value must have -----------------------
 
 INT, STR, PAIR, STRS, LIMITS, PAGES = "int", "str", "pair", "strs", "limits", "pages"
+BOOL, STATUS = "bool", "status"  # STATUS: a map here; rules.validate checks the tree
 
 _ID = (("tid", "t", INT), ("sub", "s", INT), ("handle", "h", INT))
 _RANGE = (("offset", "o", INT), ("length", "l", INT))
@@ -108,6 +114,8 @@ _HS = (
     ("max_inflight", "mif", INT),
 )
 _EPOCH = ("epoch", "e", INT)
+_TID = ("tid", "t", INT)
+_VOLUME = ("volume", "vol", STR)
 _ERR = (("errno", "err", INT), ("message", "msg", STR))
 Fields = tuple[tuple[str, str, str], ...]
 # For each message type: its class and its fields as (attribute, map key,
@@ -115,10 +123,10 @@ Fields = tuple[tuple[str, str, str], ...]
 WIRE_KEYS: dict[MsgType, tuple[Callable[..., Message], Fields]] = {
     MsgType.HELLO: (m.Hello, (("versions", "v", PAIR), *_HS)),
     MsgType.WELCOME: (m.Welcome, (("version", "v", INT), *_HS)),
-    MsgType.ATTACH: (m.Attach, (("tid", "t", INT), ("volume", "vol", STR), _EPOCH)),
+    MsgType.ATTACH: (m.Attach, (_TID, _VOLUME, _EPOCH)),
     MsgType.ATTACHED: (
         m.Attached,
-        (("tid", "t", INT), ("handle", "h", INT), ("size", "sz", INT), _EPOCH, _HS[3]),
+        (_TID, ("handle", "h", INT), ("size", "sz", INT), _EPOCH, _HS[3]),
     ),
     MsgType.READ: (m.ReadRequest, (*_ID, *_RANGE, ("pages", "p", PAGES))),
     MsgType.WRITE: (m.WriteRequest, (*_ID, *_RANGE, _EPOCH, ("pages", "p", PAGES))),
@@ -129,11 +137,15 @@ WIRE_KEYS: dict[MsgType, tuple[Callable[..., Message], Fields]] = {
     MsgType.PONG: (m.Pong, (("token", "tok", INT),)),
     MsgType.REPLY: (m.Reply, (*_ID[:2], *_ERR)),
     MsgType.GOODBYE: (m.Goodbye, _ERR),
+    MsgType.STATUS: (m.StatusRequest, (_TID,)),
+    MsgType.STATUS_REPLY: (m.StatusReply, (_TID, ("status", "st", STATUS))),
+    MsgType.PROMOTE: (m.PromoteRequest, (_TID, _VOLUME, ("force", "f", BOOL))),
+    MsgType.CHECKSUM: (m.ChecksumRequest, (*_ID, *_RANGE, ("extent", "ext", INT))),
 }
 _BY_TYPE = {int(t): spec for t, spec in WIRE_KEYS.items()}
 _BY_CLASS = {cls: (int(t), fields) for t, (cls, fields) in WIRE_KEYS.items()}
 # Messages with a tid that a server answers with a Reply when they are bad.
-_ANSWERABLE = frozenset({*REQUEST_TYPES, Attach})
+_ANSWERABLE = frozenset({*REQUEST_TYPES, *TID_ONLY_TYPES})
 
 
 class _Missing:
@@ -150,6 +162,10 @@ def _shape(attr: str, kind: str, value: Any) -> Any:
         ok = type(value) is int
     elif kind == STR:
         ok = type(value) is str
+    elif kind == BOOL:
+        ok = type(value) is bool
+    elif kind == STATUS:
+        ok = type(value) is dict
     elif kind == PAIR:
         ok = type(value) is tuple and len(value) == 2
         ok = ok and all(type(v) is int for v in value)
@@ -195,9 +211,10 @@ def _unpack(meta: bytes | bytearray | memoryview) -> dict[str, Any]:
 
 
 def _ids(obj: dict[str, Any], cls: object) -> tuple[int, int]:
-    """tid and sub of a request; sub is 0 for Attach, optional for unknown types (None)."""
+    """tid and sub of a request; sub is 0 for Attach and the other TID_ONLY_TYPES,
+    optional for unknown types (None)."""
     tid = obj.get("t")
-    sub = 0 if cls is Attach else obj.get("s", 0 if cls is None else None)
+    sub = 0 if cls in TID_ONLY_TYPES else obj.get("s", 0 if cls is None else None)
     if type(tid) is not int or not 0 <= tid <= U64_MAX:
         raise RemoteProtocolError(f"request without a usable tid: {tid!r}")
     if type(sub) is not int or not 0 <= sub <= U16_MAX:
@@ -297,9 +314,20 @@ def check_data(prefix: FramePrefix, views: Iterable[bytes | bytearray | memoryvi
         raise RemoteProtocolError(f"data crc {prefix.data_crc:#010x}, computed {crc:#010x}")
 
 
-def _wire_value(value: Any) -> Any:
-    if isinstance(value, Mapping):  # limits: sorted by key, so the encoding is canonical
+def _wire_value(kind: str, value: Any) -> Any:
+    """Limits, and every map in a status tree, sorted by key: canonical encoding."""
+    if kind == LIMITS:
         return {k: value[k] for k in sorted(value)}
+    if kind == STATUS:
+        return _wire_status(value)
+    return value
+
+
+def _wire_status(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _wire_status(value[k]) for k in sorted(value)}
+    if isinstance(value, tuple):
+        return [_wire_status(v) for v in value]
     return value
 
 
@@ -332,13 +360,32 @@ def encode_frame(
     elif not (type(data_crc) is int and 0 <= data_crc <= U32_MAX) or (data_crc and not data_len):
         raise LocalProtocolError(f"data_crc {data_crc!r} for {data_len} data bytes")
     meta = msgpack.packb(
-        {key: _wire_value(getattr(msg, attr)) for attr, key, _ in fields}, use_bin_type=True
+        {key: _wire_value(kind, getattr(msg, attr)) for attr, key, kind in fields},
+        use_bin_type=True,
     )
     if len(meta) > MAX_META_LEN:
         raise LocalProtocolError(f"meta is {len(meta)} bytes, over MAX_META_LEN {MAX_META_LEN}")
     head = _HEAD20.pack(MAGIC, FRAME_VERSION, msg_type, flags, len(meta), data_len, data_crc)
     header_crc = crc32c.crc32c(meta, crc32c.crc32c(head))
     return b"".join((head, header_crc.to_bytes(4, "big"), meta))
+
+
+def pack_checksums(crcs: Iterable[int]) -> bytes:
+    """The data of a successful Reply to a ChecksumRequest: each crc32c as a
+    big-endian u32, in extent order."""
+    try:
+        return b"".join(_CHECKSUM.pack(crc) for crc in crcs)
+    except struct.error:
+        raise LocalProtocolError(f"a checksum outside [0, {U32_MAX}]") from None
+
+
+def unpack_checksums(data: bytes | bytearray | memoryview) -> tuple[int, ...]:
+    """The crc32c values in a Checksum reply's data (whose length the
+    Connection has checked against the request)."""
+    view = memoryview(data).cast("B")
+    if len(view) % CHECKSUM_SIZE:
+        raise RemoteProtocolError(f"checksum data is {len(view)} bytes, not a multiple of 4")
+    return tuple(crc for (crc,) in _CHECKSUM.iter_unpack(view))
 
 
 class FrameDecoder:

@@ -24,16 +24,19 @@ server must not open or allocate anything for an unauthenticated peer.  A
 Welcome must pick a version inside the Hello's range and a subset of its
 features; a Welcome that does not is fatal on the client.
 
-In READY the client sends Attach and requests, the server answers each with
-Attached or Reply; both may Ping and Pong.  Hello and Welcome are over.
-Requests are pipelined and answered in any order, so each end keeps an
-*in-flight table* keyed by ``(tid, sub)`` (Attach counts as ``(tid, 0)``).
-The client's entry lives from send(request) to receive(reply); the server's
-from receive(request) to send(reply).  From the table follow the rules: no
-reply without a request, a read's successful reply carries exactly
-``length`` data bytes, Attach succeeds with Attached and only Attach does, at
-most the server's ``max_inflight`` requests outstanding, no second request
-under a ``(tid, sub)`` still in flight.
+In READY the client sends Attach, requests (ChecksumRequest is one) and the
+administration messages StatusRequest and PromoteRequest; the server answers
+each with Attached, StatusReply or Reply; both may Ping and Pong.  Hello and
+Welcome are over.  Requests are pipelined and answered in any order, so each
+end keeps an *in-flight table* keyed by ``(tid, sub)`` (Attach, StatusRequest
+and PromoteRequest count as ``(tid, 0)``).  The client's entry lives from
+send(request) to receive(reply); the server's from receive(request) to
+send(reply).  From the table follow the rules: no reply without a request, a
+read's successful reply carries exactly ``length`` data bytes and a
+checksum's 4 per extent, Attach succeeds with Attached and only Attach does,
+StatusRequest with StatusReply and only it does, at most the server's
+``max_inflight`` requests outstanding, no second request under a
+``(tid, sub)`` still in flight.
 
 CLOSED is terminal.  A Goodbye may be sent in any state, once, as the last
 frame; after it, or after :meth:`close`, both calls raise
@@ -64,9 +67,11 @@ from dst.wire.codec import PROTOCOL_VERSION, FramePrefix
 from dst.wire.messages import (
     MSG_TYPE_OF,
     REQUEST_TYPES,
+    TID_ONLY_TYPES,
     Attach,
     Attached,
     BadRequest,
+    ChecksumRequest,
     Errno,
     Goodbye,
     Hello,
@@ -75,15 +80,18 @@ from dst.wire.messages import (
     Pong,
     ReadRequest,
     Reply,
+    StatusReply,
+    StatusRequest,
     Welcome,
     WriteRequest,
 )
-from dst.wire.rules import MAX_DATA_LEN, MAX_INFLIGHT_CAP, pages_misfit
+from dst.wire.rules import MAX_DATA_LEN, MAX_INFLIGHT_CAP, checksum_data_len, pages_misfit
 
 # The protocol versions this implementation speaks, (min, max).
 SUPPORTED_VERSIONS = (PROTOCOL_VERSION, PROTOCOL_VERSION)
 
 Key = tuple[int, int]
+Answer = Attached | StatusReply | Reply
 
 
 class ConnState(enum.Enum):
@@ -121,7 +129,7 @@ def _version_ok(version: int, offered: tuple[int, int]) -> bool:
 
 
 def _key(msg: Message) -> Key:
-    if isinstance(msg, Attach | Attached):
+    if isinstance(msg, (*TID_ONLY_TYPES, Attached, StatusReply)):
         return (msg.tid, 0)
     assert isinstance(msg, (*REQUEST_TYPES, Reply, BadRequest))
     return (msg.tid, msg.sub)
@@ -184,7 +192,8 @@ class Connection:
 
     def send(self, msg: Message, *, data_len: int | None = None) -> None:
         """Check that we may send ``msg`` now and record it.  ``data_len``,
-        when given, is checked too (a read's Reply carries ``length`` bytes)."""
+        when given, is checked too (a read's Reply carries ``length`` bytes, a
+        checksum's 4 per extent, any other none)."""
         if self._we_closed:
             raise LocalProtocolError(f"send {_name(msg)} on a closed connection", Errno.ESHUTDOWN)
         if isinstance(msg, Goodbye):
@@ -209,7 +218,7 @@ class Connection:
             self._hello = msg
         elif isinstance(msg, Ping | Pong) and state is ConnState.READY:
             pass
-        elif isinstance(msg, (Attach, *REQUEST_TYPES)) and welcome and self._hello:
+        elif isinstance(msg, (*TID_ONLY_TYPES, *REQUEST_TYPES)) and welcome and self._hello:
             key = _key(msg)
             if key in self._inflight:
                 raise LocalProtocolError(f"(tid, sub) {key} already in flight", Errno.EEXIST)
@@ -240,7 +249,7 @@ class Connection:
             self._ready(msg, peer=hello)
         elif isinstance(msg, Ping | Pong) and state is ConnState.READY:
             pass
-        elif isinstance(msg, Attached | Reply) and state is ConnState.READY:
+        elif isinstance(msg, Answer) and state is ConnState.READY:
             key = _key(msg)
             pending = self._inflight.get(key)
             if pending is None:
@@ -283,7 +292,7 @@ class Connection:
             self._ready(msg, peer=msg)
         elif state is not ConnState.READY:
             raise RemoteProtocolError(f"{_name(msg)} before the handshake ended")
-        elif isinstance(msg, Attached | Reply):
+        elif isinstance(msg, Answer):
             key = _key(msg)
             pending = self._inflight.get(key)
             if pending is None:
@@ -303,7 +312,7 @@ class Connection:
             raise RemoteProtocolError(f"{_name(msg)} before the handshake ended")
         if isinstance(msg, Ping | Pong):
             return msg
-        if not isinstance(msg, (Attach, BadRequest, *REQUEST_TYPES)):
+        if not isinstance(msg, (*TID_ONLY_TYPES, BadRequest, *REQUEST_TYPES)):
             raise RemoteProtocolError(f"a client does not send {_name(msg)}")
         key = _key(msg)
         if self.outstanding >= welcome.max_inflight:
@@ -349,17 +358,24 @@ class Connection:
 
     @staticmethod
     def _check_answer(
-        msg: Attached | Reply,
+        msg: Answer,
         pending: Message,
         data_len: int | None,
         error: type[LocalProtocolError] | type[RemoteProtocolError],
     ) -> None:
-        """The answer fits the request: Attached for Attach, read data sized."""
+        """The answer fits the request: Attached for Attach, StatusReply for
+        StatusRequest, read and checksum data sized."""
         if isinstance(msg, Attached) and not isinstance(pending, Attach):
             raise error(f"Attached {_key(msg)} answers {_name(pending)}, not Attach")
-        if isinstance(msg, Reply) and not msg.errno and isinstance(pending, Attach | BadRequest):
+        if isinstance(msg, StatusReply) and not isinstance(pending, StatusRequest):
+            raise error(f"StatusReply {_key(msg)} answers {_name(pending)}, not StatusRequest")
+        ok = isinstance(msg, Reply) and not msg.errno
+        if ok and isinstance(pending, Attach | StatusRequest | BadRequest):
             raise error(f"success Reply {_key(msg)} to {_name(pending)}: must be an error")
-        ok_read = isinstance(msg, Reply) and not msg.errno and isinstance(pending, ReadRequest)
-        want = pending.length if ok_read and isinstance(pending, ReadRequest) else 0
+        want = 0
+        if ok and isinstance(pending, ReadRequest):
+            want = pending.length
+        elif ok and isinstance(pending, ChecksumRequest):
+            want = checksum_data_len(pending)
         if data_len is not None and data_len != want:
             raise error(f"{_name(msg)} {_key(msg)} carries {data_len} data bytes, not {want}")

@@ -10,6 +10,12 @@ header flags and the Linux errno numbers that travel in replies.
 ``pages`` follows seed 003: the client's pages, run-length encoded as
 ``(size, offset, count)`` runs -- ``count`` consecutive client pages, each
 contributing ``size`` bytes starting ``offset`` bytes into the page.
+
+The administration messages (0x50..0x53) serve ``dst status``, ``dst
+promote`` and ``dst verify``: StatusRequest is answered by a StatusReply,
+whose ``status`` is a JSON-like tree; PromoteRequest by a Reply;
+ChecksumRequest, a request like a read, by a Reply whose data is the packed
+big-endian crc32c of each ``extent``-sized piece of the range.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ class MsgType(enum.IntEnum):
     PONG = 0x21
     REPLY = 0x30
     GOODBYE = 0x40
+    STATUS = 0x50
+    STATUS_REPLY = 0x51
+    PROMOTE = 0x52
+    CHECKSUM = 0x53
 
 
 class FrameFlags(enum.IntFlag):
@@ -56,6 +66,7 @@ class Errno(enum.IntEnum):
     EIO = 5
     E2BIG = 7
     EBADF = 9
+    EBUSY = 16
     EEXIST = 17
     EINVAL = 22
     ENOSPC = 28
@@ -70,10 +81,36 @@ class Errno(enum.IntEnum):
 
 
 Pages = tuple[tuple[int, int, int], ...]
+# A StatusReply's tree, JSON-like: arrays may be given as lists and are kept
+# as tuples, maps are kept read-only (what the decoder builds, so that a sent
+# and a received reply compare equal).
+StatusValue = (
+    int
+    | str
+    | bool
+    | None
+    | list["StatusValue"]
+    | tuple["StatusValue", ...]
+    | Mapping[str, "StatusValue"]
+)
+# How deep _frozen_status freezes: beyond any tree rules.validate accepts
+# (MAX_STATUS_DEPTH), so what is left as given -- a cycle, say -- is refused
+# there rather than looped over here.
+_FREEZE_DEPTH = 32
 
 
 def _frozen_limits(limits: Mapping[str, int]) -> Mapping[str, int]:
     return MappingProxyType(dict(limits))
+
+
+def _frozen_status(value: StatusValue, depth: int = 1) -> StatusValue:
+    if depth > _FREEZE_DEPTH:
+        return value
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _frozen_status(v, depth + 1) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_frozen_status(v, depth + 1) for v in value)
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +242,50 @@ class Goodbye:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """Client -> server: what is your state?  Answered by a StatusReply (or an
+    error Reply) under ``(tid, 0)``."""
+
+    tid: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    tid: int
+    status: Mapping[str, StatusValue]  # role, connection, disk, out of sync, resync...
+
+    def __post_init__(self) -> None:
+        status = self.status
+        if isinstance(status, Mapping):  # anything else is refused by validate
+            object.__setattr__(self, "status", _frozen_status(status))
+
+
+@dataclass(frozen=True, slots=True)
+class PromoteRequest:
+    """Client -> server: make ``volume`` primary here.  Answered by a Reply
+    under ``(tid, 0)``."""
+
+    tid: int
+    volume: str
+    force: bool  # override what the server safely can (PROTOCOL.md, Administration)
+
+
+@dataclass(frozen=True, slots=True)
+class ChecksumRequest:
+    """The crc32c of each ``extent``-sized piece of ``[offset, offset + length)``
+    (the last may be short), as the data of the successful Reply: 4 bytes,
+    big-endian, per piece."""
+
+    tid: int
+    sub: int
+    handle: int
+    offset: int
+    length: int
+    extent: int
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class BadRequest:
     """Not a wire message: what the decoder returns for a sound frame holding
     a request it can answer but not accept.  The receiver answers it with
@@ -217,7 +298,9 @@ class BadRequest:
     message: str
 
 
-Request = ReadRequest | WriteRequest | FlushRequest | TrimRequest | WriteZeroesRequest
+Request = (
+    ReadRequest | WriteRequest | FlushRequest | TrimRequest | WriteZeroesRequest | ChecksumRequest
+)
 Message = (
     Hello
     | Welcome
@@ -232,9 +315,23 @@ Message = (
     | Pong
     | Reply
     | Goodbye
+    | StatusRequest
+    | StatusReply
+    | PromoteRequest
+    | ChecksumRequest
     | BadRequest
 )
-REQUEST_TYPES = (ReadRequest, WriteRequest, FlushRequest, TrimRequest, WriteZeroesRequest)
+# Requests: tracked by (tid, sub), carry header flags, answered by a Reply.
+REQUEST_TYPES = (
+    ReadRequest,
+    WriteRequest,
+    FlushRequest,
+    TrimRequest,
+    WriteZeroesRequest,
+    ChecksumRequest,
+)
+# The client's other messages that are answered: no sub, tracked by (tid, 0).
+TID_ONLY_TYPES = (Attach, StatusRequest, PromoteRequest)
 
 MSG_TYPE_OF: Mapping[type, MsgType] = MappingProxyType(
     {
@@ -251,5 +348,9 @@ MSG_TYPE_OF: Mapping[type, MsgType] = MappingProxyType(
         Pong: MsgType.PONG,
         Reply: MsgType.REPLY,
         Goodbye: MsgType.GOODBYE,
+        StatusRequest: MsgType.STATUS,
+        StatusReply: MsgType.STATUS_REPLY,
+        PromoteRequest: MsgType.PROMOTE,
+        ChecksumRequest: MsgType.CHECKSUM,
     }
 )

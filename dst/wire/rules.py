@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 
 from dst.errors import ProtocolError
 from dst.wire.messages import (
     REQUEST_TYPES,
     Attach,
     Attached,
+    ChecksumRequest,
     Errno,
     FlushRequest,
     FrameFlags,
@@ -30,8 +32,11 @@ from dst.wire.messages import (
     Pages,
     Ping,
     Pong,
+    PromoteRequest,
     ReadRequest,
     Reply,
+    StatusReply,
+    StatusRequest,
     TrimRequest,
     Welcome,
     WriteRequest,
@@ -41,6 +46,8 @@ from dst.wire.messages import (
 U16_MAX = 2**16 - 1
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
+# The most negative integer msgpack encodes; only a status tree holds signed ones.
+I64_MIN = -(2**63)
 # The largest data payload one frame may carry, whatever was negotiated: it
 # bounds the buffer a receiver must be ready to allocate for a single frame.
 # 16 MiB is far above any useful block request (Linux caps a bio at 256 pages
@@ -72,6 +79,27 @@ MAX_PAGE_RUNS = 2048
 # Outstanding requests per connection: the server keeps one table entry per
 # in-flight (tid, sub); 65536 bounds that table whatever a peer asks for.
 MAX_INFLIGHT_CAP = 65536
+# ChecksumRequest: the reply's data is 4 bytes (a big-endian crc32c) per
+# extent, so 16384 checksums keep it at 64 KiB -- a small buffer on both ends,
+# far below MAX_DATA_LEN -- and still cover 1 GiB of volume per request at the
+# dirty bitmap's default 64 KiB extent (64 MiB at 4 KiB); verify pipelines
+# such requests as a client pipelines reads.  More is E2BIG: split it.
+MAX_CHECKSUMS = 16384
+CHECKSUM_SIZE = 4
+# The smallest checksum extent, a power of two like every extent: the dirty
+# bitmap's smallest extent (dst.replication.bitmap.MIN_EXTENT_SIZE), where a
+# difference verify finds is marked for resync; finer pieces find nothing more.
+MIN_CHECKSUM_EXTENT = 4096
+# A ChecksumRequest's length is whole 512-byte sectors, the smallest logical
+# block any volume has, so that every piece the replicas compare is whole blocks.
+CHECKSUM_LENGTH_ALIGN = 512
+# A StatusReply's tree: containers nest at most 8 deep, the status map itself
+# being the first level (dst's own, status > volumes > volume > resync, needs
+# 4), which bounds the recursion of whoever walks it; keys are names a program
+# looks up, 128 bytes like a node id.  The whole tree is bounded by
+# MAX_META_LEN, which the encoder enforces on every frame.
+MAX_STATUS_DEPTH = 8
+MAX_STATUS_KEY_LEN = 128
 # Linux errno values are below MAX_ERRNO (include/linux/err.h).
 MAX_ERRNO = 4095
 # Roles are certificate roles (dst.security): a Hello comes from a client, an
@@ -98,6 +126,7 @@ ALLOWED_FLAGS: Mapping[type, int] = MappingProxyType(
         WriteRequest: int(_F.FUA | _F.PREFLUSH | _F.FAILFAST),
         TrimRequest: int(_F.FUA | _F.PREFLUSH | _F.FAILFAST),
         WriteZeroesRequest: int(_F.FUA | _F.PREFLUSH | _F.FAILFAST | _F.NO_HOLE),
+        ChecksumRequest: int(_F.FAILFAST),
     }
 )
 
@@ -195,7 +224,8 @@ def pages_misfit(pages: Pages, page_size: int) -> str | None:
 
 
 def _range(
-    msg: ReadRequest | WriteRequest | TrimRequest | WriteZeroesRequest, max_length: int
+    msg: ReadRequest | WriteRequest | TrimRequest | WriteZeroesRequest | ChecksumRequest,
+    max_length: int,
 ) -> None:
     """offset/length of a request: non-empty, capped, inside the u64 space."""
     _uint("handle", msg.handle, U32_MAX)
@@ -210,6 +240,58 @@ def _range(
         raise FieldError("length", msg.length, why, Errno.EOVERFLOW)
 
 
+def checksum_count(msg: ChecksumRequest) -> int:
+    """How many checksums answer a valid ``msg``: one per extent, the last maybe short."""
+    return -(-msg.length // msg.extent)
+
+
+def checksum_data_len(msg: ChecksumRequest) -> int:
+    """The data length of the successful Reply to ``msg``."""
+    return CHECKSUM_SIZE * checksum_count(msg)
+
+
+def _checksum(msg: ChecksumRequest) -> None:
+    _range(msg, U64_MAX)
+    if msg.length % CHECKSUM_LENGTH_ALIGN:
+        raise FieldError("length", msg.length, f"must be a multiple of {CHECKSUM_LENGTH_ALIGN}")
+    _uint("extent", msg.extent, 2**63, MIN_CHECKSUM_EXTENT)
+    if msg.extent & (msg.extent - 1):
+        raise FieldError("extent", msg.extent, "must be a power of two")
+    if checksum_count(msg) > MAX_CHECKSUMS:
+        why = f"asks for more than {MAX_CHECKSUMS} checksums of {msg.extent} bytes"
+        raise FieldError("length", msg.length, why, Errno.E2BIG)
+
+
+def _at(path: str, key: str | int) -> str:
+    """``path`` one level down, ``.key`` in a map or ``[i]`` in an array; keys
+    escaped and cut short, since the path ends up in an error message."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    shown = repr(key)[1:-1]
+    return f"{path}.{shown[:20] + '...' if len(shown) > 23 else shown}"
+
+
+def _status(path: str, value: Any, depth: int) -> None:
+    """A StatusValue: int, str, bool, None, or a tuple or map of them, nested
+    at most MAX_STATUS_DEPTH deep (``depth`` is the level of ``value``)."""
+    if isinstance(value, Mapping | tuple):
+        if depth > MAX_STATUS_DEPTH:
+            raise FieldError(path, value, f"nests deeper than {MAX_STATUS_DEPTH} levels")
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                _text(f"{path} key", key, MAX_STATUS_KEY_LEN)
+                _status(_at(path, key), item, depth + 1)
+        else:
+            for i, item in enumerate(value):
+                _status(_at(path, i), item, depth + 1)
+    elif _is_int(value):
+        _uint(path, value, U64_MAX, I64_MIN)
+    elif isinstance(value, str):
+        _text(path, value, U32_MAX)
+    elif value is not None and not isinstance(value, bool):
+        raise FieldError(path, value, "must be an int, str, bool, None, array or map")
+
+
 def validate(msg: Message) -> None:
     """Raise FieldError unless ``msg`` obeys every rule a receiver checks
     without knowing the connection (that part is in connection.py)."""
@@ -221,6 +303,9 @@ def validate(msg: Message) -> None:
             raise FieldError("flags", msg.flags, f"allowed flags: {allowed:#x}")
         if isinstance(msg, FlushRequest):
             _uint("handle", msg.handle, U32_MAX)
+            return
+        if isinstance(msg, ChecksumRequest):
+            _checksum(msg)
             return
         # A read or write moves its bytes in one frame; trims and zeroes none.
         data_bearing = isinstance(msg, ReadRequest | WriteRequest)
@@ -249,6 +334,18 @@ def validate(msg: Message) -> None:
         _uint("size", msg.size, U64_MAX)
         _uint("epoch", msg.epoch, U64_MAX)
         _limits("limits", msg.limits)
+    elif isinstance(msg, StatusRequest):
+        _uint("tid", msg.tid, U64_MAX)
+    elif isinstance(msg, StatusReply):
+        _uint("tid", msg.tid, U64_MAX)
+        if not isinstance(msg.status, Mapping):
+            raise FieldError("status", msg.status, "must be a map")
+        _status("status", msg.status, 1)
+    elif isinstance(msg, PromoteRequest):
+        _uint("tid", msg.tid, U64_MAX)
+        _text("volume", msg.volume, MAX_VOLUME_NAME_LEN, name_like=True)
+        if not isinstance(msg.force, bool):
+            raise FieldError("force", msg.force, "must be a boolean")
     elif isinstance(msg, Ping | Pong):
         _uint("token", msg.token, U64_MAX)
     elif isinstance(msg, Reply | Goodbye):

@@ -29,6 +29,7 @@ import crc32c
 from dst.wire import (
     Attach,
     Attached,
+    ChecksumRequest,
     Errno,
     FlushRequest,
     FrameFlags,
@@ -38,13 +39,19 @@ from dst.wire import (
     MsgType,
     Ping,
     Pong,
+    PromoteRequest,
     ReadRequest,
     Reply,
+    StatusReply,
+    StatusRequest,
+    StatusValue,
     TrimRequest,
     Welcome,
     WriteRequest,
     WriteZeroesRequest,
+    data_crc,
     encode_frame,
+    pack_checksums,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -62,6 +69,11 @@ LIMITS = {
 def pattern(size: int) -> bytes:
     """The data of every vector: byte i is (31 * i + 7) mod 256."""
     return bytes((31 * i + 7) & 0xFF for i in range(size))
+
+
+def checksums(data: bytes, extent: int) -> bytes:
+    """A checksum reply's data: the crc32c of each ``extent`` bytes of ``data``."""
+    return pack_checksums(data_crc([data[i : i + extent]]) for i in range(0, len(data), extent))
 
 
 def frame(msg_type: int, flags: int, meta: bytes, data: bytes = b"", **patch: int) -> bytes:
@@ -86,7 +98,7 @@ def _jsonable(value: Any) -> Any:
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
-    return int(value) if isinstance(value, int) else value
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def expect(msg: Message) -> dict[str, Any]:
@@ -117,6 +129,17 @@ def vectors() -> list[tuple[str, bytes, dict[str, Any], str]]:
     zeroes = WriteZeroesRequest(6, 2, 7, 0, 64 * KIB, 3, FrameFlags.NO_HOLE | FrameFlags.FUA)
     stale = Reply(3, 1, Errno.ESTALE, "write epoch 2 is older than volume epoch 3")
     bye = Goodbye(Errno.EPROTONOSUPPORT, "client offers protocol 2..3, server speaks 1..1")
+    resync: StatusValue = {"done": 40 * MIB, "total": 64 * MIB, "rate": 20 * MIB}
+    vol0: StatusValue = {"name": "vol0", "role": "primary", "disk": "up_to_date",
+                         "peer_disk": "inconsistent", "connection": "sync_source",
+                         "out_of_sync": 24 * MIB, "resync": resync}  # fmt: skip
+    vol1: StatusValue = {"name": "vol1", "role": "primary", "disk": "up_to_date",
+                         "peer_disk": None, "connection": "standalone", "out_of_sync": 0,
+                         "resync": None}  # fmt: skip
+    status: dict[str, StatusValue] = {"node_id": "server-1", "protocol": "C",
+                                      "split_brain": False, "volumes": [vol0, vol1]}  # fmt: skip
+    checksum = ChecksumRequest(22, 0, 7, 64 * KIB, 8704, 4096, FrameFlags.FAILFAST)
+    volume = pattern(4096) + bytes(4096) + pattern(512)  # what the checksummed range holds
     out: list[tuple[str, bytes, dict[str, Any], str]] = []
     valid: list[tuple[str, Message, bytes, str]] = [
         ("hello", hello, b"", "client's first frame"),
@@ -135,7 +158,13 @@ def vectors() -> list[tuple[str, bytes, dict[str, Any], str]]:
         ("reply_read", Reply(2, 1, 0), pattern(1536), "success of the read, with its data"),
         ("reply_error", stale, b"", "a fenced write: ESTALE, definitely not applied"),
         ("goodbye", bye, b"", "version mismatch, sent before closing"),
-    ]
+        ("status", StatusRequest(20), b"", "dst status asks"),
+        ("status_reply", StatusReply(20, status), b"", "a tree: maps sorted, arrays, nil, bool"),
+        ("promote", PromoteRequest(21, "vol0", False), b"", "dst promote, not forced"),
+        ("checksum", checksum, b"", "crc32c of 2 x 4 KiB and a 512-byte tail, FAILFAST"),
+        ("reply_checksum", Reply(22, 0, 0), checksums(volume, 4096),
+         "its answer, 3 big-endian crc32c: 4 KiB of pattern, a hole (zeros), 512 of pattern"),
+    ]  # fmt: skip
     for name, msg, data, note in valid:
         out.append((name, good(msg, data), expect(msg), note))
 
@@ -144,6 +173,10 @@ def vectors() -> list[tuple[str, bytes, dict[str, Any], str]]:
     read_meta = read_frame[24:]
     trim_meta = good(TrimRequest(11, 0, 7, 0, 1, 3))[24:].replace(b"\xa1l\x01", b"\xa1l\x00")
     write_meta = good(WriteRequest(12, 3, 7, 0, 8, 3, ((8, 0, 1),)), pattern(8))[24:-8]
+    sum_meta = good(ChecksumRequest(13, 2, 7, 0, 8192, 4096))[24:]
+    sum_meta = sum_meta.replace(b"\xa3ext\xcd\x10\x00", b"\xa3ext\xcd\x18\x00")  # 6144
+    # {"t": 20, "st": {"rate": 1.5}}: a float is no status value
+    float_meta = b"\x82\xa1t\x14\xa2st\x81\xa4rate\xcb" + struct.pack(">d", 1.5)
     out += [
         ("bad_unknown_type", frame(0x15, 0, flush_meta),
          bad_request(9, 0, 0x15, Errno.EOPNOTSUPP, "type"), "type 0x15 is not defined"),
@@ -153,6 +186,9 @@ def vectors() -> list[tuple[str, bytes, dict[str, Any], str]]:
          bad_request(11, 0, MsgType.TRIM, Errno.EINVAL, "length"), "trim of 0 bytes"),
         ("bad_write_data_len", frame(MsgType.WRITE, 0, write_meta, pattern(7)),
          bad_request(12, 3, MsgType.WRITE, Errno.EINVAL, "data_len"), "length 8, 7 data bytes"),
+        ("bad_checksum_extent", frame(MsgType.CHECKSUM, 0, sum_meta),
+         bad_request(13, 2, MsgType.CHECKSUM, Errno.EINVAL, "extent"),
+         "extent 6144: not a power of two"),
         ("fatal_magic", frame(MsgType.FLUSH, 0, flush_meta, magic=0x44535447),
          fatal("bad magic"), "magic DSTG"),
         ("fatal_version", frame(MsgType.FLUSH, 0, flush_meta, version=2),
@@ -167,6 +203,8 @@ def vectors() -> list[tuple[str, bytes, dict[str, Any], str]]:
          fatal("not a map"), "meta is the array [1, 2, 3]"),
         ("fatal_no_tid", frame(MsgType.FLUSH, 0, b"\x82\xa1s\x00\xa1h\x07"),
          fatal("tid"), "a request without a tid cannot be answered"),
+        ("fatal_status_reply", frame(MsgType.STATUS_REPLY, 0, float_meta),
+         fatal("status"), "a StatusReply holding a float: a reply is never answered"),
     ]  # fmt: skip
     return out
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -24,16 +25,19 @@ from dst.net.endpoints import Address
 from dst.wire import (
     Attach,
     Attached,
+    ChecksumRequest,
     FlushRequest,
     Frame,
     FrameDecoder,
     Hello,
     Message,
+    PromoteRequest,
     ReadRequest,
     Reply,
     Welcome,
     WriteRequest,
     encode_frame,
+    unpack_checksums,
 )
 from tests.integration.harness import running_server
 
@@ -266,3 +270,45 @@ async def test_replies_in_completion_order(tmp_path: Path, monkeypatch: pytest.M
         assert isinstance(first.message, Reply) and isinstance(second.message, Reply)
         assert (first.message.tid, second.message.tid) == (61, 60)
         assert len(first.data) == 4096 and second.message.errno == 0
+
+
+async def test_checksums_per_extent_and_promote_refused(tmp_path: Path) -> None:
+    """ChecksumRequest answers the crc32c of each extent (what `dst verify` compares);
+    PromoteRequest is answered, not dropped, until replication implements it."""
+    async with running_server(tmp_path) as server, raw(server.listen_address) as peer:  # type: ignore[arg-type]
+        h = await peer.handshake()
+        data = bytes(random.Random(9).randbytes(3 * 65536))
+        await peer.send(
+            WriteRequest(
+                tid=70,
+                sub=0,
+                handle=h,
+                offset=65536,
+                length=len(data),
+                epoch=1,
+                pages=((4096, 0, len(data) // 4096),),
+            ),
+            data,
+        )
+        assert (await peer.reply()).errno == 0
+        await peer.send(
+            ChecksumRequest(tid=71, sub=0, handle=h, offset=0, length=5 * 65536 - 512, extent=65536)
+        )
+        frame = await peer.frame()
+        assert frame is not None and isinstance(frame.message, Reply)
+        assert frame.message.errno == 0
+        want = [
+            crc32c.crc32c(bytes(65536)),
+            *(crc32c.crc32c(data[i : i + 65536]) for i in range(0, len(data), 65536)),
+            crc32c.crc32c(bytes(65536 - 512)),
+        ]
+        assert list(unpack_checksums(frame.data)) == want
+        await peer.send(
+            ChecksumRequest(
+                tid=72, sub=0, handle=h, offset=64 * MiB - 512, length=1024, extent=4096
+            )
+        )
+        assert (await peer.reply()).errno == errno.EINVAL
+        await peer.send(PromoteRequest(tid=73, volume="vol0", force=False))
+        reply = await peer.reply()
+        assert (reply.tid, reply.errno) == (73, errno.EOPNOTSUPP)

@@ -1,10 +1,11 @@
 """The frame codec: every vector whole and byte by byte, every header check on
-the 24 bytes alone, crcs, malformed meta, field errors answered or fatal, and
-the encoder's zero-copy contract."""
+the 24 bytes alone, crcs, malformed meta, field errors answered or fatal, the
+encoder's zero-copy contract, and the administration messages' bounds."""
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 import crc32c
@@ -16,13 +17,19 @@ from dst.wire import (
     ALLOWED_FLAGS,
     HEADER_SIZE,
     MAGIC,
+    MAX_CHECKSUMS,
     MAX_DATA_LEN,
     MAX_META_LEN,
     MAX_PAGE_RUNS,
+    MAX_STATUS_DEPTH,
+    MAX_STATUS_KEY_LEN,
+    MIN_CHECKSUM_EXTENT,
     MSG_TYPE_OF,
     REQUEST_TYPES,
+    TID_ONLY_TYPES,
     Attach,
     BadRequest,
+    ChecksumRequest,
     Errno,
     FlushRequest,
     Frame,
@@ -32,23 +39,33 @@ from dst.wire import (
     Message,
     MsgType,
     Ping,
+    PromoteRequest,
     ReadRequest,
     Reply,
+    StatusReply,
+    StatusRequest,
+    StatusValue,
     TrimRequest,
     Welcome,
     WriteRequest,
     WriteZeroesRequest,
     check_data,
+    checksum_count,
+    checksum_data_len,
     data_crc,
     encode_frame,
+    pack_checksums,
     parse_meta,
     parse_prefix,
+    unpack_checksums,
 )
 from tests.unit.test_vectors import INDEX, vector_bytes
 
 VALID = [e for e in INDEX if e["outcome"] != "fatal"]
 U64 = 2**64 - 1
 READ_META: dict[str, Any] = {"t": 1, "s": 2, "h": 3, "o": 0, "l": 1024, "p": [[512, 0, 2]]}
+SUM_META: dict[str, Any] = {"t": 1, "s": 2, "h": 3, "o": 0, "l": 8192, "ext": 4096}
+PROMOTE_META: dict[str, Any] = {"t": 1, "vol": "vol0", "f": False}
 HELLO_META: dict[str, Any] = {
     "v": [1, 1],
     "id": "c",
@@ -334,7 +351,7 @@ def test_unknown_keys_are_ignored() -> None:
     assert isinstance(hello, Hello) and dict(hello.limits) == {"max_bytes": 9}
 
 
-@pytest.mark.parametrize("msg_type", [0x00, 0x05, 0x15, 0x22, 0x31, 0xFF])
+@pytest.mark.parametrize("msg_type", [0x00, 0x05, 0x15, 0x22, 0x31, 0x4F, 0x54, 0xFF])
 def test_unknown_type_is_answered_if_it_has_a_tid(msg_type: int) -> None:
     msg = decode_message(raw_frame(msg_type, {"t": 5, "s": 6, "new": 1}))
     assert msg == BadRequest(
@@ -353,6 +370,7 @@ REQUESTS: list[Message] = [
     FlushRequest(1, 0, 2),
     TrimRequest(1, 0, 2, 0, 512, 1),
     WriteZeroesRequest(1, 0, 2, 0, 512, 1),
+    ChecksumRequest(1, 0, 2, 0, 4096, 4096),
 ]
 
 
@@ -374,12 +392,17 @@ def test_flags_table(request_msg: Message, bit: int) -> None:
         assert isinstance(msg, BadRequest) and msg.errno == Errno.EINVAL and "flags" in msg.message
 
 
-@pytest.mark.parametrize("msg", [Ping(1), Reply(1, 0, 0), Goodbye(0), Attach(1, "v")])
+@pytest.mark.parametrize(
+    "msg",
+    [Ping(1), Reply(1, 0, 0), Goodbye(0), Attach(1, "v"), StatusRequest(1),
+     PromoteRequest(1, "v", True), StatusReply(1, {})],
+    ids=lambda m: type(m).__name__,
+)  # fmt: skip
 def test_flags_on_a_non_request(msg: Message) -> None:
     raw = whole(msg)
     meta = raw[HEADER_SIZE:]
     frame = raw_frame(MSG_TYPE_OF[type(msg)], meta, flags=1)
-    if isinstance(msg, Attach):  # answerable: it has a tid
+    if isinstance(msg, TID_ONLY_TYPES):  # answerable: it has a tid
         got = decode_message(frame)
         assert isinstance(got, BadRequest) and "flags" in got.message
     else:
@@ -407,6 +430,26 @@ def test_flags_on_a_non_request(msg: Message) -> None:
         ({"t": 1, "vol": "", "e": 0}, MsgType.ATTACH, b"", Errno.EINVAL, "volume"),
         ({"t": 1, "vol": "a/\n", "e": 0}, MsgType.ATTACH, b"", Errno.EINVAL, "volume"),
         ({"t": 1, "vol": "v" * 256, "e": 0}, MsgType.ATTACH, b"", Errno.EINVAL, "volume"),
+        (SUM_META | {"l": 0}, MsgType.CHECKSUM, b"", Errno.EINVAL, "length"),
+        (SUM_META | {"l": 8191}, MsgType.CHECKSUM, b"", Errno.EINVAL, "length"),
+        (SUM_META | {"l": 4096 * MAX_CHECKSUMS + 512}, MsgType.CHECKSUM, b"", Errno.E2BIG,
+         "length"),
+        (SUM_META | {"o": U64 - 511, "l": 1024}, MsgType.CHECKSUM, b"", Errno.EOVERFLOW, "length"),
+        (SUM_META | {"h": 2**32}, MsgType.CHECKSUM, b"", Errno.EINVAL, "handle"),
+        (SUM_META | {"ext": 2048}, MsgType.CHECKSUM, b"", Errno.EINVAL, "extent"),
+        (SUM_META | {"ext": 6144}, MsgType.CHECKSUM, b"", Errno.EINVAL, "extent"),
+        (SUM_META | {"ext": 2**64 - 1}, MsgType.CHECKSUM, b"", Errno.EINVAL, "extent"),
+        (SUM_META | {"ext": 4096.0}, MsgType.CHECKSUM, b"", Errno.EINVAL, "extent"),
+        ({k: v for k, v in SUM_META.items() if k != "ext"}, MsgType.CHECKSUM, b"", Errno.EINVAL,
+         "extent"),
+        (SUM_META, MsgType.CHECKSUM, b"x", Errno.EINVAL, "data_len"),
+        (PROMOTE_META | {"f": 1}, MsgType.PROMOTE, b"", Errno.EINVAL, "force"),
+        (PROMOTE_META | {"f": None}, MsgType.PROMOTE, b"", Errno.EINVAL, "force"),
+        ({"t": 1, "vol": "vol0"}, MsgType.PROMOTE, b"", Errno.EINVAL, "force"),
+        (PROMOTE_META | {"vol": ""}, MsgType.PROMOTE, b"", Errno.EINVAL, "volume"),
+        (PROMOTE_META | {"vol": "a\tb"}, MsgType.PROMOTE, b"", Errno.EINVAL, "volume"),
+        (PROMOTE_META, MsgType.PROMOTE, b"x", Errno.EINVAL, "data_len"),
+        ({"t": 1}, MsgType.STATUS, b"x", Errno.EINVAL, "data_len"),
     ],
 )  # fmt: skip
 def test_request_rules_are_answered(
@@ -534,3 +577,205 @@ def test_every_request_type_round_trips() -> None:
         frame = decode(whole(msg, data))
         assert frame is not None and frame.message == msg and frame.data == data
     assert set(map(type, REQUESTS)) == set(REQUEST_TYPES)
+
+
+# -- administration: status, promote, checksums --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("msg_type", "meta"), [(MsgType.STATUS, {"s": 9}), (MsgType.PROMOTE, PROMOTE_META)]
+)
+def test_status_and_promote_answer_under_sub_0(msg_type: int, meta: dict[str, Any]) -> None:
+    """Like Attach they have no sub: an `s` is an unknown key, ignored."""
+    msg = decode_message(raw_frame(msg_type, meta | {"t": 4, "s": 9}, b"x"))
+    assert isinstance(msg, BadRequest) and (msg.tid, msg.sub, msg.msg_type) == (4, 0, msg_type)
+    with pytest.raises(RemoteProtocolError, match="tid"):
+        decode(raw_frame(msg_type, {k: v for k, v in meta.items() if k != "t"}))
+
+
+@pytest.mark.parametrize(
+    ("length", "extent", "count"),
+    [(512, 4096, 1), (4096, 4096, 1), (8704, 4096, 3), (2**20, 2**16, 16),
+     (4096 * MAX_CHECKSUMS, 4096, MAX_CHECKSUMS), (2**63, 2**63, 1), (2**64 - 512, 2**63, 2),
+     (2**20 * MAX_CHECKSUMS - 512, 2**20, MAX_CHECKSUMS)],
+)  # fmt: skip
+def test_checksum_at_the_bounds(length: int, extent: int, count: int) -> None:
+    msg = ChecksumRequest(2**64 - 1, 2**16 - 1, 2**32 - 1, 2**64 - length, length, extent, 4)
+    assert decode_message(whole(msg)) == msg
+    assert checksum_count(msg) == count and checksum_data_len(msg) == 4 * count
+    assert MIN_CHECKSUM_EXTENT == 4096 and 4 * MAX_CHECKSUMS <= 64 * 1024
+
+
+def test_checksum_data_packs_big_endian_crcs() -> None:
+    crcs = (0, 1, 0xE3069283, 2**32 - 1)
+    data = pack_checksums(crcs)
+    assert data == bytes.fromhex("0000000000000001e3069283ffffffff")
+    assert unpack_checksums(data) == unpack_checksums(memoryview(bytearray(data))) == crcs
+    assert pack_checksums([]) == b"" and unpack_checksums(b"") == ()
+    with pytest.raises(RemoteProtocolError, match="multiple of 4"):
+        unpack_checksums(data[:-1])
+    with pytest.raises(LocalProtocolError):
+        pack_checksums([2**32])
+    with pytest.raises(LocalProtocolError):
+        pack_checksums([-1])
+
+
+def nested(depth: int, leaf: StatusValue = 1) -> dict[str, StatusValue]:
+    """A status map whose containers nest exactly ``depth`` deep (the map is 1)."""
+    value: StatusValue = leaf
+    for i in range(depth - 1):
+        value = [value] if i % 2 else {"k": value}
+    return {"top": value}
+
+
+STATUS: dict[str, StatusValue] = {
+    "role": "primary",
+    "connected": True,
+    "resync": None,
+    "out_of_sync": 0,
+    "signed": -(2**63),
+    "huge": 2**64 - 1,
+    "peers": [{"id": "s2", "lag": [1, 2, 3]}, {}],
+    "k" * MAX_STATUS_KEY_LEN: "a key at the cap",
+    "é" * (MAX_STATUS_KEY_LEN // 2): "two bytes each",
+    "": "",
+}
+
+
+@pytest.mark.parametrize(
+    "status", [STATUS, {}, nested(MAX_STATUS_DEPTH), nested(MAX_STATUS_DEPTH - 1, [])],
+    ids=["mixed", "empty", "deepest", "deepest-empty"],
+)  # fmt: skip
+def test_status_reply_round_trips(status: dict[str, StatusValue]) -> None:
+    msg = StatusReply(2**64 - 1, status)
+    frame = decode(whole(msg))
+    assert frame is not None and frame.message == msg
+    assert whole(frame.message) == whole(msg)  # canonical
+
+
+def test_status_is_frozen_and_canonical() -> None:
+    a = StatusReply(1, {"b": [1, {"y": 2, "x": [3]}], "a": True})
+    b = StatusReply(1, {"a": True, "b": (1, {"x": (3,), "y": 2})})
+    assert a == b and whole(a) == whole(b)  # lists kept as tuples, maps sorted on the wire
+    assert whole(a)[HEADER_SIZE:] == msgpack.packb(
+        {"t": 1, "st": {"a": True, "b": [1, {"x": [3], "y": 2}]}}
+    )
+    with pytest.raises(TypeError):
+        a.status["c"] = 1  # type: ignore[index]
+    inner = a.status["b"]
+    assert isinstance(inner, tuple) and isinstance(inner[1], Mapping)
+    with pytest.raises(TypeError):
+        inner[1]["z"] = 1  # type: ignore[index]
+
+
+def test_status_meta_is_capped_by_the_encoder() -> None:
+    # {"t": 1, "st": {"a": <str16>}}: 13 bytes around the string
+    fits = StatusReply(1, {"a": "x" * (MAX_META_LEN - 13)})
+    assert len(whole(fits)) == HEADER_SIZE + MAX_META_LEN
+    assert decode_message(whole(fits)) == fits
+    with pytest.raises(LocalProtocolError, match="MAX_META_LEN"):
+        encode_frame(StatusReply(1, {"a": "x" * (MAX_META_LEN - 12)}))
+
+
+def cyclic() -> list[Any]:
+    loop: list[Any] = []
+    loop.append(loop)
+    return loop
+
+
+@pytest.mark.parametrize(
+    ("status", "match"),
+    [
+        ({"rate": 1.5}, "'status.rate' = 1.5"),
+        ({"a": b"bin"}, "status"),
+        ({"a": {1, 2}}, "status"),
+        ({"a": -(2**63) - 1}, "status"),
+        ({"a": 2**64}, "status"),
+        ({"a": "\udc80"}, "Unicode"),
+        ({"k" * (MAX_STATUS_KEY_LEN + 1): 1}, "128 bytes"),
+        ({"é" * (MAX_STATUS_KEY_LEN // 2 + 1): 1}, "128 bytes"),
+        ({1: 1}, "string"),
+        (nested(MAX_STATUS_DEPTH + 1), "deeper than 8"),
+        (nested(MAX_STATUS_DEPTH, []), "deeper than 8"),
+        ({"a": cyclic()}, "deeper than 8"),
+        ([("a", 1)], "must be a map"),
+        (None, "must be a map"),
+    ],
+)
+def test_encode_refuses_a_bad_status_tree(status: Any, match: str) -> None:
+    with pytest.raises(LocalProtocolError, match=match):
+        encode_frame(StatusReply(1, status))
+
+
+@pytest.mark.parametrize(
+    "st",
+    [
+        [["a", 1]],
+        7,
+        None,
+        {"a": 1.5},
+        {"a": b"bin"},
+        {"a": msgpack.ExtType(1, b"x")},
+        {"k" * (MAX_STATUS_KEY_LEN + 1): 1},
+        nested(MAX_STATUS_DEPTH + 1),
+        nested(MAX_STATUS_DEPTH, {}),
+    ],
+    ids=["array", "int", "nil", "float", "bin", "ext", "long-key", "too-deep", "too-deep-map"],
+)
+def test_malformed_status_reply_is_fatal(st: Any) -> None:
+    with pytest.raises(RemoteProtocolError, match="bad STATUS_REPLY: field 'status"):
+        decode(raw_frame(MsgType.STATUS_REPLY, {"t": 1, "st": st}))
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"st": {}},
+        {"t": -1, "st": {}},
+        {"t": 1},
+        b"\x82\xa1t\x01\xa2st\x81\xa1a\x81\x01\x02",  # {"t": 1, "st": {"a": {1: 2}}}
+        b"\x82\xa1t\x01\xa2st\x81\xa1a\x91" + b"\x91" * 3000 + b"\xc0",  # beyond any stack
+    ],
+    ids=["no-tid", "negative-tid", "no-status", "int-key", "deep"],
+)
+def test_status_reply_without_usable_fields_is_fatal(meta: Any) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode(raw_frame(MsgType.STATUS_REPLY, meta))
+
+
+def test_data_on_a_status_reply_is_fatal() -> None:
+    with pytest.raises(RemoteProtocolError, match="data_len"):
+        decode(raw_frame(MsgType.STATUS_REPLY, {"t": 1, "st": {}}, b"x"))
+
+
+@pytest.mark.parametrize(
+    ("msg", "match"),
+    [
+        (ChecksumRequest(1, 0, 2, 0, 4096, 4096, flags=1), "flags"),
+        (ChecksumRequest(1, 0, 2, 0, 4000, 4096), "length"),
+        (ChecksumRequest(1, 0, 2, 0, 4096, 4095), "extent"),
+        (ChecksumRequest(1, 0, 2, 0, 4096, 2**64), "extent"),
+        (ChecksumRequest(1, 0, 2, 0, 2**13 * MAX_CHECKSUMS, 4096), "checksums"),
+        (PromoteRequest(1, "vol0", 0), "force"),  # type: ignore[arg-type]
+        (PromoteRequest(1, "", False), "volume"),
+        (PromoteRequest(2**64, "vol0", False), "tid"),
+        (StatusRequest(-1), "tid"),
+        (StatusReply(True, {}), "tid"),
+    ],
+)  # fmt: skip
+def test_encode_refuses_bad_administration(msg: Message, match: str) -> None:
+    with pytest.raises(LocalProtocolError, match=match):
+        encode_frame(msg)
+
+
+def test_every_administration_message_round_trips() -> None:
+    for msg in (StatusRequest(0), StatusReply(3, STATUS), PromoteRequest(5, "vol0", True)):
+        frame = decode(whole(msg))
+        assert frame is not None and frame.message == msg and frame.data == b""
+    assert set(TID_ONLY_TYPES) == {Attach, StatusRequest, PromoteRequest}
+    assert {MSG_TYPE_OF[t] for t in (StatusRequest, StatusReply, PromoteRequest)} == {
+        0x50,
+        0x51,
+        0x52,
+    }
+    assert MSG_TYPE_OF[ChecksumRequest] == 0x53 and ChecksumRequest in REQUEST_TYPES

@@ -23,9 +23,13 @@ from dst.wire import (
     ALLOWED_FLAGS,
     HEADER_SIZE,
     LIMIT_KEYS,
+    MAX_CHECKSUMS,
     MAX_PAGE_SIZE,
+    MAX_STATUS_DEPTH,
+    MIN_CHECKSUM_EXTENT,
     Attach,
     Attached,
+    ChecksumRequest,
     FlushRequest,
     FrameDecoder,
     Goodbye,
@@ -34,8 +38,12 @@ from dst.wire import (
     MsgType,
     Ping,
     Pong,
+    PromoteRequest,
     ReadRequest,
     Reply,
+    StatusReply,
+    StatusRequest,
+    StatusValue,
     TrimRequest,
     Welcome,
     WriteRequest,
@@ -89,7 +97,7 @@ msgpack_values = st.recursive(
     max_leaves=20,
 )
 KEYS = ["t", "s", "h", "o", "l", "e", "p", "v", "id", "role", "ps", "lim", "feat", "mif"]
-KEYS += ["vol", "sz", "tok", "err", "msg", "x"]
+KEYS += ["vol", "sz", "tok", "err", "msg", "st", "f", "ext", "x"]
 field_values = (
     st.integers(0, 3)
     | st.integers(0, U64)
@@ -187,6 +195,22 @@ text = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)
 limits = st.dictionaries(st.sampled_from(LIMIT_KEYS), st.integers(0, U64))
 features = st.lists(name_like, unique=True, max_size=5).map(tuple)
 page_sizes = st.sampled_from([512 << i for i in range(12)])
+# Status trees, every depth up to MAX_STATUS_DEPTH: level k's values are leaves
+# or containers (lists are kept as tuples) of level k + 1's; the status map
+# itself is level 1.  Wide near the top, one item deeper down, so that the
+# largest tree (36 leaves of < 300 bytes) stays far below MAX_META_LEN.
+status_keys = st.text(st.characters(exclude_categories=["Cs"]), max_size=32)  # <= 128 bytes
+status_leaves = st.none() | st.booleans() | st.integers(-(2**63), U64) | text
+status_level: st.SearchStrategy[StatusValue] = status_leaves
+for level in range(MAX_STATUS_DEPTH, 1, -1):
+    width = 3 if level <= 3 else 1
+    status_level = (
+        status_leaves
+        | st.lists(status_level, max_size=width).map(tuple)
+        | st.lists(status_level, max_size=width)
+        | st.dictionaries(status_keys, status_level, max_size=width)
+    )
+status_trees = st.dictionaries(status_keys, status_level, max_size=4)
 
 
 @st.composite
@@ -207,14 +231,17 @@ def messages(draw: st.DrawFn) -> tuple[Message, bytes]:
         draw(st.integers(0, U32)),
     )
     epoch, kind = draw(st.integers(0, U64)), draw(st.sampled_from(sorted(MsgType)))
+    extent = 1 << draw(st.integers(MIN_CHECKSUM_EXTENT.bit_length() - 1, 63))
     if kind in (MsgType.READ, MsgType.WRITE):
         pages, length = draw(pages_and_length(4096 if kind == MsgType.WRITE else 1 << 20))
+    elif kind == MsgType.CHECKSUM:  # whole sectors, at most MAX_CHECKSUMS extents
+        pages, length = (), 512 * draw(st.integers(1, min(U64, extent * MAX_CHECKSUMS) // 512))
     else:
         pages, length = (), draw(st.integers(1, U64))
     offset = draw(st.integers(0, U64 - length + 1))
     requests: dict[int, type] = {MsgType.READ: ReadRequest, MsgType.WRITE: WriteRequest}
     requests |= {MsgType.FLUSH: FlushRequest, MsgType.TRIM: TrimRequest}
-    requests |= {MsgType.WRITE_ZEROES: WriteZeroesRequest}
+    requests |= {MsgType.WRITE_ZEROES: WriteZeroesRequest, MsgType.CHECKSUM: ChecksumRequest}
     flags = draw(st.integers(0, 15)) & ALLOWED_FLAGS.get(requests.get(kind, object), 0)
     if kind == MsgType.HELLO:
         lo = draw(st.integers(1, U16))
@@ -243,6 +270,14 @@ def messages(draw: st.DrawFn) -> tuple[Message, bytes]:
         return TrimRequest(tid, sub, handle, offset, length, epoch, flags), b""
     if kind == MsgType.WRITE_ZEROES:
         return WriteZeroesRequest(tid, sub, handle, offset, length, epoch, flags), b""
+    if kind == MsgType.CHECKSUM:
+        return ChecksumRequest(tid, sub, handle, offset, length, extent, flags), b""
+    if kind == MsgType.STATUS:
+        return StatusRequest(tid), b""
+    if kind == MsgType.STATUS_REPLY:
+        return StatusReply(tid, draw(status_trees)), b""
+    if kind == MsgType.PROMOTE:
+        return PromoteRequest(tid, draw(name_like), draw(st.booleans())), b""
     if kind in (MsgType.PING, MsgType.PONG):
         return (Ping if kind == MsgType.PING else Pong)(draw(st.integers(0, U64))), b""
     errno = draw(st.integers(0, 4095))

@@ -1,8 +1,8 @@
 """The connection state machine: every message type, sent and received, in
 every state, for both roles (a table, as h2's test_state_machines), then the
-in-flight rules -- duplicates, max_inflight, read data, answers of the right
-kind -- and a hypothesis state machine driving a client and a server through
-the real codec."""
+in-flight rules -- duplicates, max_inflight, read and checksum data, answers of
+the right kind -- and a hypothesis state machine driving a client and a server
+through the real codec."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from dst.errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from dst.wire import (
     MAX_DATA_LEN,
+    MSG_TYPE_OF,
     SUPPORTED_VERSIONS,
     Attach,
     Attached,
     BadRequest,
+    ChecksumRequest,
     Connection,
     ConnState,
     Errno,
@@ -32,19 +34,23 @@ from dst.wire import (
     MsgType,
     Ping,
     Pong,
+    PromoteRequest,
     ReadRequest,
     Reply,
+    StatusReply,
+    StatusRequest,
     TrimRequest,
     Welcome,
     WriteRequest,
     WriteZeroesRequest,
+    checksum_data_len,
     choose_version,
     encode_frame,
 )
 
 MIB = 1024 * 1024
 HELLO = Hello((1, 1), "client-a", "client", 4096, {"max_bytes": MIB}, ("trim", "zero"), 8)
-WELCOME = Welcome(1, "server-1", "replica", 4096, {"max_bytes": MIB}, ("trim",), 4)
+WELCOME = Welcome(1, "server-1", "replica", 4096, {"max_bytes": MIB}, ("trim",), 5)
 
 
 def prefix(msg: Message, data_len: int = 0) -> FramePrefix:
@@ -59,7 +65,8 @@ def read(tid: int, sub: int = 0, length: int = 4096, pages: Any = None) -> ReadR
 
 # -- connections in each state --------------------------------------------------
 
-IN_FLIGHT = (Attach(1, "vol0"), read(2))  # what a READY connection has outstanding
+# What a READY connection has outstanding: 3 of WELCOME's 5.
+IN_FLIGHT = (Attach(1, "vol0"), read(2), StatusRequest(3))
 
 
 def client_in(state: str) -> Connection:
@@ -102,6 +109,10 @@ SAMPLES: dict[str, Message] = {
     "flush": FlushRequest(13, 0, 1),
     "trim": TrimRequest(14, 0, 1, 0, 4096, 3),
     "zeroes": WriteZeroesRequest(15, 0, 1, 0, 4096, 3),
+    "checksum": ChecksumRequest(17, 0, 1, 0, 8704, 4096),
+    "status": StatusRequest(18),
+    "promote": PromoteRequest(19, "vol0", False),
+    "status_reply": StatusReply(3, {"role": "primary"}),  # answers IN_FLIGHT's StatusRequest
     "ping": Ping(5),
     "pong": Pong(5),
     "reply": Reply(2, 0, Errno.EIO, "disk"),  # answers IN_FLIGHT's read, with an error
@@ -109,7 +120,7 @@ SAMPLES: dict[str, Message] = {
     "bad": BadRequest(16, 0, 0x15, Errno.EOPNOTSUPP, "unknown message type 0x15"),
 }
 STATES = ["fresh", "hello", "ready", "closed_by_us", "closed_by_peer"]
-REQUESTS = {"attach", "read", "write", "flush", "trim", "zeroes"}
+REQUESTS = {"attach", "read", "write", "flush", "trim", "zeroes", "checksum", "status", "promote"}
 ALL = set(SAMPLES)
 
 # What is allowed; everything else raises LocalProtocolError when sent and
@@ -123,14 +134,14 @@ CAN_SEND = {
     ("client", "closed_by_peer"): {"goodbye"},
     ("server", "fresh"): {"goodbye"},
     ("server", "hello"): {"welcome", "goodbye"},
-    ("server", "ready"): {"attached", "reply", "ping", "pong", "goodbye"},
+    ("server", "ready"): {"attached", "status_reply", "reply", "ping", "pong", "goodbye"},
     ("server", "closed_by_us"): set(),
     ("server", "closed_by_peer"): {"goodbye"},
 }
 CAN_RECEIVE = {
     ("client", "fresh"): {"goodbye"},
     ("client", "hello"): {"welcome", "goodbye"},
-    ("client", "ready"): {"attached", "reply", "ping", "pong", "goodbye"},
+    ("client", "ready"): {"attached", "status_reply", "reply", "ping", "pong", "goodbye"},
     ("client", "closed_by_us"): set(),
     ("client", "closed_by_peer"): set(),
     ("server", "fresh"): {"hello", "goodbye"},
@@ -205,7 +216,7 @@ def test_negotiated_values_on_both_ends() -> None:
     assert (c.version, c.node_id, c.role, c.page_size) == (1, "server-1", "replica", 4096)
     assert (s.version, s.node_id, s.role, s.page_size) == (1, "client-a", "client", 4096)
     assert c.features == s.features == ("trim",)
-    assert (c.max_inflight, s.max_inflight) == (4, 8)
+    assert (c.max_inflight, s.max_inflight) == (5, 8)
     assert dict(c.limits) == dict(s.limits) == {"max_bytes": MIB}
     assert (c.max_bytes, s.max_bytes) == (512 * 1024, MIB)  # the lower cap wins
 
@@ -260,17 +271,17 @@ def test_bad_construction(kwargs: dict[str, int]) -> None:
 
 def test_duplicate_tid_sub_is_answered_eexist_and_the_original_survives() -> None:
     conn = server_in("ready")
-    assert conn.outstanding == 2
+    assert conn.outstanding == 3
     dup = conn.receive(prefix(read(2)), read(2))
     assert (
         isinstance(dup, BadRequest) and dup.errno == Errno.EEXIST and (dup.tid, dup.sub) == (2, 0)
     )
     assert dup.msg_type == MsgType.READ
-    assert conn.outstanding == 3
+    assert conn.outstanding == 4
     conn.send(Reply(2, 0, Errno.EEXIST, dup.message))  # the duplicate's answer ...
-    assert conn.outstanding == 2
+    assert conn.outstanding == 3
     conn.send(Reply(2, 0, 0), data_len=4096)  # ... does not retire the original
-    assert conn.outstanding == 1
+    assert conn.outstanding == 2
     with pytest.raises(LocalProtocolError, match="no such request"):
         conn.send(Reply(2, 0, 0), data_len=4096)
 
@@ -284,14 +295,14 @@ def test_client_may_not_reuse_a_tid_sub_in_flight() -> None:
 
 
 def test_client_respects_the_servers_max_inflight() -> None:
-    conn = client_in("ready")  # 2 of WELCOME's 4 are in flight
+    conn = client_in("ready")  # 3 of WELCOME's 5 are in flight
     conn.send(read(20))
     conn.send(read(21))
     with pytest.raises(LocalProtocolError, match="outstanding"):
         conn.send(read(22))
     conn.receive(prefix(Reply(20, 0, 5, "x")), Reply(20, 0, 5, "x"))
     conn.send(read(22))
-    assert conn.outstanding == 4
+    assert conn.outstanding == 5
 
 
 def test_server_closes_on_a_client_over_max_inflight() -> None:
@@ -337,11 +348,11 @@ def test_answers_of_the_wrong_kind(answer: Message, match: str) -> None:
 def test_a_bad_request_is_tracked_until_answered_with_an_error() -> None:
     conn, bad = server_in("ready"), SAMPLES["bad"]
     assert isinstance(bad, BadRequest)
-    assert conn.receive(prefix(bad), bad) == bad and conn.outstanding == 3
+    assert conn.receive(prefix(bad), bad) == bad and conn.outstanding == 4
     with pytest.raises(LocalProtocolError, match="must be an error"):
         conn.send(Reply(bad.tid, bad.sub, 0))
     conn.send(Reply(bad.tid, bad.sub, bad.errno, bad.message))
-    assert conn.outstanding == 2
+    assert conn.outstanding == 3
 
 
 def test_server_answers_e2big_and_misfit_pages() -> None:
@@ -352,9 +363,116 @@ def test_server_answers_e2big_and_misfit_pages() -> None:
     misfit = read(41, length=8192, pages=((8192, 0, 1),))  # a run past the client's 4 KiB page
     got = conn.receive(prefix(misfit), misfit)
     assert isinstance(got, BadRequest) and got.errno == Errno.EINVAL and "pages" in got.message
-    assert conn.outstanding == 4  # both still owe a reply
+    assert conn.outstanding == 5  # both still owe a reply
     conn.send(Reply(40, 0, Errno.E2BIG, "too big"))
     conn.send(Reply(41, 0, Errno.EINVAL, "pages"))
+
+
+# -- administration -----------------------------------------------------------------------
+
+SUM = ChecksumRequest(40, 1, 1, 0, 8704, 4096)  # 3 checksums, the last of a 512-byte tail
+
+
+def test_checksum_reply_carries_4_bytes_per_extent() -> None:
+    assert checksum_data_len(SUM) == 12
+    server = server_in("ready")
+    server.receive(prefix(SUM), SUM)
+    for wrong in (0, 8, 8704, 16):
+        with pytest.raises(LocalProtocolError, match="not 12"):
+            server.send(Reply(40, 1, 0), data_len=wrong)
+    server.send(Reply(40, 1, 0), data_len=12)
+    client = client_in("ready")
+    client.send(SUM)
+    with pytest.raises(RemoteProtocolError, match="not 12"):
+        client.receive(prefix(Reply(40, 1, 0), 8704), Reply(40, 1, 0))
+    client = client_in("ready")
+    client.send(SUM)
+    assert client.receive(prefix(Reply(40, 1, 0), 12), Reply(40, 1, 0)) == Reply(40, 1, 0)
+    assert client.outstanding == 3
+
+
+def test_checksum_error_reply_carries_no_data() -> None:
+    server = server_in("ready")
+    server.receive(prefix(SUM), SUM)
+    with pytest.raises(LocalProtocolError, match="not 0"):
+        server.send(Reply(40, 1, Errno.EIO, "disk"), data_len=12)
+    server.send(Reply(40, 1, Errno.EIO, "disk"), data_len=0)
+
+
+def test_checksums_are_requests_not_reads() -> None:
+    """Tracked by (tid, sub) and counted against max_inflight, but not capped by
+    max_bytes: a checksum moves 4 bytes per extent, not the range."""
+    big = ChecksumRequest(50, 0, 1, 0, 64 * MIB, 4096)  # over max_bytes, 16384 checksums
+    client, server = client_in("ready"), server_in("ready")
+    client.send(big)
+    assert server.receive(prefix(big), big) == big
+    client.send(ChecksumRequest(50, 1, 1, 0, 4096, 4096))
+    with pytest.raises(LocalProtocolError, match="outstanding"):
+        client.send(ChecksumRequest(50, 2, 1, 0, 4096, 4096))
+    with pytest.raises(LocalProtocolError, match="already in flight"):
+        client_in("ready").send(ChecksumRequest(2, 0, 1, 0, 4096, 4096))  # read(2)'s key
+    server.receive(prefix(read(51)), read(51))
+    with pytest.raises(RemoteProtocolError, match="max_inflight"):
+        server.receive(prefix(big), ChecksumRequest(52, 0, 1, 0, 4096, 4096))
+
+
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        (Reply(3, 0, 0), "must be an error"),  # a success Reply to the StatusRequest
+        (Attached(3, 7, MIB, 3, {}), "not Attach"),  # Attached to the StatusRequest
+        (StatusReply(1, {}), "not StatusRequest"),  # StatusReply to the Attach
+        (StatusReply(2, {}), "not StatusRequest"),  # ... to the read, sub 0
+        (StatusReply(9, {}), "no such request"),
+    ],
+)
+def test_status_is_answered_by_status_reply_only(answer: Message, match: str) -> None:
+    with pytest.raises(LocalProtocolError, match=match):
+        server_in("ready").send(answer)
+    with pytest.raises(RemoteProtocolError, match=match):
+        client_in("ready").receive(prefix(answer), answer)
+
+
+def test_status_answers() -> None:
+    server = server_in("ready")
+    with pytest.raises(LocalProtocolError, match="data bytes"):
+        server.send(StatusReply(3, {}), data_len=1)
+    server.send(StatusReply(3, {"role": "secondary"}), data_len=0)
+    client = client_in("ready")  # a server that predates status answers EOPNOTSUPP
+    answer = Reply(3, 0, Errno.EOPNOTSUPP, "unknown message type 0x50")
+    assert client.receive(prefix(answer), answer) == answer and client.outstanding == 2
+
+
+def test_promote_is_answered_by_a_reply() -> None:
+    promote = PromoteRequest(60, "vol0", True)
+    for answer, data_len in ((Reply(60, 0, 0), 0), (Reply(60, 0, Errno.EBUSY, "peer"), 0)):
+        server, client = server_in("ready"), client_in("ready")
+        client.send(promote)
+        assert server.receive(prefix(promote), promote) == promote
+        server.send(answer, data_len=data_len)
+        assert client.receive(prefix(answer), answer) == answer
+        assert server.outstanding == client.outstanding == 3
+    for wrong in (StatusReply(60, {}), Attached(60, 1, MIB, 1, {})):
+        client = client_in("ready")
+        client.send(promote)
+        with pytest.raises(RemoteProtocolError, match="answers PromoteRequest"):
+            client.receive(prefix(wrong), wrong)
+    client = client_in("ready")
+    client.send(promote)
+    with pytest.raises(RemoteProtocolError, match="data bytes"):
+        client.receive(prefix(Reply(60, 0, 0), 4), Reply(60, 0, 0))
+
+
+@pytest.mark.parametrize(
+    "msg", [StatusRequest(2), PromoteRequest(2, "v", False), Attach(2, "v")], ids=repr
+)
+def test_tid_only_messages_share_sub_0_with_requests(msg: Message) -> None:
+    """read(2) is in flight as (2, 0): a StatusRequest(2) would be its twin."""
+    with pytest.raises(LocalProtocolError, match="already in flight"):
+        client_in("ready").send(msg)
+    got = server_in("ready").receive(prefix(msg), msg)
+    assert isinstance(got, BadRequest) and got.errno == Errno.EEXIST
+    assert (got.tid, got.sub) == (2, 0) and got.msg_type == MSG_TYPE_OF[type(msg)]
 
 
 def test_client_checks_its_own_requests() -> None:
@@ -394,14 +512,20 @@ class Pair(RuleBasedStateMachine):
     @rule(
         tid=st.integers(0, 3),
         sub=st.integers(0, 2),
-        kind=st.sampled_from(["read", "write", "attach"]),
+        kind=st.sampled_from(["read", "write", "attach", "status", "promote", "checksum"]),
     )
     def request(self, tid: int, sub: int, kind: str) -> None:
         msg: Message
         if kind == "attach":
             msg, sub = Attach(tid, "vol"), 0
+        elif kind == "status":
+            msg, sub = StatusRequest(tid), 0
+        elif kind == "promote":
+            msg, sub = PromoteRequest(tid, "vol", bool(tid % 2)), 0
         elif kind == "read":
             msg = read(tid, sub, 512, ((512, 0, 1),))
+        elif kind == "checksum":
+            msg = ChecksumRequest(tid, sub, 1, 0, 512 + 4096 * tid, 4096)
         else:
             msg = WriteRequest(tid, sub, 1, 0, 512, 1, ((512, 0, 1),))
         if (tid, sub) in self.pending:
@@ -424,9 +548,14 @@ class Pair(RuleBasedStateMachine):
             answer = Reply(*key, Errno.EIO, "failed")
         elif isinstance(msg, Attach):
             answer = Attached(key[0], 1, MIB, 1, {})
+        elif isinstance(msg, StatusRequest):
+            answer = StatusReply(key[0], {"role": "primary", "volumes": [{"name": "vol"}]})
         else:
             answer = Reply(*key, 0)
-            payload = b"r" * 512 if isinstance(msg, ReadRequest) else b""
+            if isinstance(msg, ReadRequest):
+                payload = b"r" * 512
+            elif isinstance(msg, ChecksumRequest):
+                payload = b"c" * checksum_data_len(msg)
         assert self.exchange(self.server, self.client, answer, payload) == answer
 
     @rule(token=st.integers(0, 2**64 - 1))

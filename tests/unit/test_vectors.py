@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,17 @@ from dst.wire import (
     HEADER_SIZE,
     MSG_TYPE_OF,
     BadRequest,
+    ChecksumRequest,
     Frame,
     FrameDecoder,
     Message,
+    MsgType,
+    StatusReply,
     WriteRequest,
+    checksum_data_len,
+    data_crc,
     encode_frame,
+    unpack_checksums,
 )
 
 VECTORS_DIR = Path(__file__).resolve().parents[2] / "proto" / "vectors"
@@ -33,9 +40,12 @@ CLASSES: dict[str, Any] = {cls.__name__: cls for cls in MSG_TYPE_OF} | {"BadRequ
 
 
 def _tuples(value: Any) -> Any:
-    """JSON arrays stand for tuples (versions, features, pages and their runs)."""
+    """JSON arrays stand for tuples (versions, features, pages and their runs,
+    arrays in a status tree); JSON objects for maps (limits, status)."""
     if isinstance(value, list):
         return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
     return value
 
 
@@ -115,8 +125,37 @@ def test_every_message_type_and_required_case_has_a_vector() -> None:
     assert any(e["fields"]["errno"] and not e["data_hex"] for e in replies), "an error reply"
     assert any(not e["fields"]["errno"] and e["data_hex"] for e in replies), "a read reply"
     assert any(not e["fields"]["errno"] and not e["data_hex"] for e in replies), "a plain ok"
+    bad = [e["fields"] for e in INDEX if e["outcome"] == "bad_request"]
+    assert any(f["msg_type"] == MsgType.CHECKSUM and f["errno"] == 22 for f in bad), "EINVAL"
+    statuses = [m for m in valid if isinstance(m, StatusReply)]
+    assert any(_kinds(m.status) >= {"map", "array", "nil", "bool", "int", "str"} for m in statuses)
     files = {p.name for p in VECTORS_DIR.glob("*.bin")}
     assert files == {e["file"] for e in INDEX}, "every .bin is indexed and vice versa"
+
+
+def _kinds(value: Any) -> set[str]:
+    """The kinds of value in a status tree, below its top."""
+    if isinstance(value, Mapping | tuple):
+        items = value.values() if isinstance(value, Mapping) else value
+        inner = set().union(*map(_kinds, items))
+        return inner | {"map" if isinstance(value, Mapping) else "array"}
+    names = {bool: "bool", int: "int", str: "str", type(None): "nil"}
+    return {names[type(value)]}
+
+
+def test_checksum_reply_vector_is_the_crc_of_each_extent() -> None:
+    """reply_checksum.bin answers checksum.bin, whose range holds 4 KiB of the
+    pattern, a 4 KiB hole (zeros) and the pattern's first 512 bytes."""
+    by_file = {e["file"]: e for e in INDEX}
+    request = expected_message(by_file["checksum.bin"])
+    reply = by_file["reply_checksum.bin"]
+    assert isinstance(request, ChecksumRequest)
+    assert (request.tid, request.sub) == (reply["fields"]["tid"], reply["fields"]["sub"])
+    data = bytes.fromhex(reply["data_hex"])
+    assert len(data) == checksum_data_len(request) == 12
+    pattern = bytes((31 * i + 7) & 0xFF for i in range(4096))
+    pieces = [pattern, bytes(4096), pattern[:512]]
+    assert unpack_checksums(data) == tuple(data_crc([piece]) for piece in pieces)
 
 
 def test_generator_reproduces_the_committed_vectors(tmp_path: Path) -> None:
