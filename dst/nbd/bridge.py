@@ -1,0 +1,411 @@
+"""The NBD bridge: :func:`serve_nbd`, the Trio adapter around the sans-IO NBD core.
+
+NBD clients (qemu, nbdcopy, nbdfuse, the kernel) reach a dst block layer through here.  Per
+connection the handshake (:mod:`dst.nbd.handshake`) runs under a deadline, STARTTLS wrapping
+the stream in ``trio.SSLStream`` (mutual TLS 1.3).  Then one reader task judges requests
+(:mod:`dst.nbd.transmission`), answers refusals itself, and starts a task per runnable request
+once it holds a slot and its bytes of the connection's and the bridge's budgets — taken before
+a WRITE's payload is read, so a flooding client meets TCP backpressure, not our memory.  WRITE
+payloads land in the buffer that becomes the bio; READ data leaves the bio's buffer behind its
+header in one ``sendmsg``; replies go in completion order under one lock.  Bios go through
+:func:`~dst.block.submit_split`, so the layer sees only bios within its limits (seed 000).  A
+connection's failure never reaches the listener.  Logs: ``peer=... export=... event=...``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import ssl
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+
+import trio
+
+from dst.block import Bio, BioFlags, BlockLayer, Op, submit_split, validate_bio
+from dst.errors import BlockError, ProtocolError, RemoteProtocolError
+from dst.nbd import protocol as p
+from dst.nbd import transmission as tx
+from dst.nbd.handshake import NeedData, OptionAnswered, Ready, ServerHandshake, StartTls
+from dst.nbd.protocol import Command, CommandFlags, ExportInfo, Reply, check_exports, export_info
+from dst.nbd.transmission import Request, Session
+from dst.net.endpoints import Address, is_loopback
+from dst.net.framed import describe
+from dst.security.tls import TlsConfig, require_peer_role, server_context
+
+__all__ = ["NbdExport", "serve_nbd"]
+
+log = logging.getLogger("dst.nbd")
+
+#: From accept to transmission, TLS included: a client that connects and stalls holds a
+#: socket and a task no longer than this (qemu-nbd's default is the same 10 s).
+HANDSHAKE_TIMEOUT_S = 10.0
+#: A graceful close (TLS close_notify after NBD_CMD_DISC) may take this long, then we drop.
+CLOSE_TIMEOUT_S = 5.0
+#: A client that leaves a reply unread or a WRITE payload unsent this long is dropped: it holds
+#: budget that every connection shares (a slowloris on the data path).
+STALL_TIMEOUT_S = 60.0
+#: Requests in flight per connection: more than pipelining clients use (qemu 16, nbdcopy 64).
+MAX_INFLIGHT = 64
+#: READ buffers and WRITE payloads one connection may pin: two maximal requests pipeline.
+MAX_CONNECTION_BYTES = 2 * p.MAX_REQUEST_BYTES
+#: The same for all connections of one serve_nbd together: the bridge's memory bound.
+MAX_BRIDGE_BYTES = 8 * p.MAX_REQUEST_BYTES
+#: One receive during the handshake, and the request header buffer.
+RECV_BYTES = 64 * 1024
+#: Scratch for skipping a refused WRITE's payload.
+SKIP_CHUNK_BYTES = 256 * 1024
+#: Certificate roles that may use the bridge over TLS: NBD clients are block-device users.
+NBD_CLIENT_ROLES = frozenset({"client"})
+#: Option answers logged at WARNING (a refused or misbehaving client): every error reply but
+#: ERR_UNSUP, which is normal probing (metadata contexts, newer extensions) and goes to DEBUG.
+_REFUSALS = frozenset(r for r in Reply if r > Reply.ERR_UNSUP)
+_TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+@dataclass(frozen=True, slots=True)
+class NbdExport:
+    """One export: the dst volume ``name`` served from ``layer``."""
+
+    name: str
+    #: The top of the client-side stack (RemoteVolume, later Mirror).
+    layer: BlockLayer
+    description: str = ""
+    #: Advertise CAN_MULTI_CONN only if a FLUSH on one connection covers every connection's
+    #: acknowledged writes — the caller knows whether its stack shares one cache.
+    multi_conn: bool = False
+
+    def info(self, page_size: int) -> ExportInfo:
+        lbs, size = self.layer.limits.logical_block_size, self.layer.size
+        return export_info(self.name, size, lbs, page_size, self.multi_conn, self.description)
+
+
+class _Budget:
+    """A FIFO byte budget: ``acquire(n)`` waits until ``n`` bytes are free."""
+
+    def __init__(self, total: int) -> None:
+        self._free, self._waiters = total, deque[tuple[int, trio.Event]]()
+
+    async def acquire(self, n: int) -> None:
+        if not n:  # FLUSH and CACHE hold nothing: no reason to queue behind others
+            return await trio.lowlevel.checkpoint()
+        entry = (n, trio.Event())
+        self._waiters.append(entry)
+        self.release(0)  # granted at once if nobody waits ahead and n bytes are free
+        try:
+            await entry[1].wait()
+        except BaseException:  # cancelled: give back what was granted, or leave the queue
+            if not entry[1].is_set():
+                self._waiters.remove(entry)
+            self.release(n if entry[1].is_set() else 0)  # 0: wake whoever waited behind us
+            raise
+
+    def release(self, n: int) -> None:
+        self._free += n
+        while self._waiters and self._waiters[0][0] <= self._free:
+            size, event = self._waiters.popleft()
+            self._free -= size
+            event.set()
+
+
+class _Wire:
+    """One connection's transmission bytes, starting with any the client ``pipelined`` behind
+    its last option: buffered request headers, payloads straight into the caller's buffer,
+    replies as one ``sendmsg`` (TLS has neither: one copy each way)."""
+
+    def __init__(self, stream: trio.abc.Stream, pipelined: bytes) -> None:
+        self.stream = stream
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._view = memoryview(bytearray(max(RECV_BYTES, len(pipelined))))
+        self._view[: len(pipelined)] = pipelined
+        self._start, self._end = 0, len(pipelined)
+        self._send_lock = trio.Lock()
+
+    async def _recv_into(self, view: memoryview) -> int:
+        try:
+            if self._sock is not None:
+                return await self._sock.recv_into(view)
+            chunk = await self.stream.receive_some(len(view))
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+        view[: len(chunk)] = chunk
+        return len(chunk)
+
+    async def read_header(self) -> Request | None:
+        """The next request, or None at a clean end of stream."""
+        size = p.REQUEST.size
+        while self._end - self._start < size:
+            have = self._end - self._start
+            self._view[:have] = self._view[self._start : self._end]
+            self._start, self._end = 0, have
+            n = await self._recv_into(self._view[have:])
+            if n == 0:
+                if not have:
+                    return None
+                raise RemoteProtocolError("peer closed in the middle of a request header")
+            self._end += n
+        self._start += size
+        return tx.parse_request(self._view[self._start - size : self._start])
+
+    async def read_into(self, view: memoryview) -> None:
+        got = min(len(view), self._end - self._start)
+        view[:got] = self._view[self._start : self._start + got]
+        self._start += got
+        with _stall("WRITE payload not sent"):
+            while got < len(view):
+                n = await self._recv_into(view[got:])
+                if n == 0:
+                    raise RemoteProtocolError("peer closed in the middle of a WRITE payload")
+                got += n
+
+    async def skip(self, length: int) -> None:
+        scratch = memoryview(bytearray(min(length, SKIP_CHUNK_BYTES)))
+        for start in range(0, length, len(scratch) or 1):
+            await self.read_into(scratch[: length - start])
+
+    async def send(self, *parts: bytes | memoryview) -> None:
+        bufs = [memoryview(part) for part in parts if len(part)]
+        async with self._send_lock:
+            with _stall("reply not read"):
+                try:
+                    for buf in bufs if self._sock is None else ():
+                        await self.stream.send_all(buf)
+                    while bufs and self._sock is not None:
+                        sent = await self._sock.sendmsg(bufs)
+                        while bufs and sent >= len(bufs[0]):
+                            sent -= len(bufs.pop(0))
+                        if sent:
+                            bufs[0] = bufs[0][sent:]
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+
+
+@contextmanager
+def _stall(what: str) -> Iterator[None]:
+    """One transfer under STALL_TIMEOUT_S; a peer that stalls it has broken the connection."""
+    try:
+        with trio.fail_after(STALL_TIMEOUT_S):
+            yield
+    except trio.TooSlowError:
+        raise trio.BrokenResourceError(f"{what} for {STALL_TIMEOUT_S} s") from None
+
+
+class _Connection:
+    def __init__(self, bridge: _Bridge, stream: trio.SocketStream) -> None:
+        self.bridge = bridge
+        self.stream: trio.abc.Stream = stream  # replaced by the SSLStream after STARTTLS
+        self.peer = "?"
+        with suppress(OSError, ValueError):  # a socket reset already has no peer name
+            self.peer = str(Address(*stream.socket.getpeername()[:2]))
+        self.export = "-"
+        self.requests = self.refused = 0
+        self.broken = ""  # why a reply could not be sent, once one could not
+        self._structured = False
+        self._layer: BlockLayer | None = None
+        self._slots = trio.Semaphore(MAX_INFLIGHT)
+        self._budget = _Budget(MAX_CONNECTION_BYTES)
+
+    def _log(self, level: int, event: str, detail: str = "") -> None:
+        log.log(level, "peer=%s export=%s event=%s%s", self.peer, self.export, event, detail)
+
+    async def run(self) -> None:
+        self._log(logging.INFO, "connect")
+        reason = "closed in handshake"
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                ready = await self._handshake()
+            if ready is not None:
+                reason = await self._transmit(*ready)
+        except (ProtocolError, trio.TooSlowError) as exc:
+            reason = str(exc) or f"handshake took over {HANDSHAKE_TIMEOUT_S} s"
+            self._log(logging.WARNING, "refused", f" reason={reason!r}")
+        except _TRANSPORT_ERRORS as exc:
+            reason = self.broken or describe(exc)
+        except Exception:  # a bug in one connection must not take the listener (and all) down
+            reason = "crashed"
+            log.exception("peer=%s export=%s event=crashed", self.peer, self.export)
+        finally:
+            await trio.aclose_forcefully(self.stream)
+            detail = f" reason={reason!r} requests={self.requests} refused={self.refused}"
+            self._log(logging.INFO, "disconnect", detail)
+
+    async def _handshake(self) -> tuple[Ready, bytes] | None:
+        hs = ServerHandshake(self.bridge.infos, tls_required=self.bridge.context is not None)
+        try:
+            while True:
+                event = hs.next_event()
+                if out := hs.data_to_send():
+                    await self.stream.send_all(out)
+                if isinstance(event, NeedData):
+                    hs.receive_data(await self.stream.receive_some(RECV_BYTES))
+                elif isinstance(event, OptionAnswered):
+                    level = logging.WARNING if event.reply in _REFUSALS else logging.DEBUG
+                    detail = f" reply={p.name_of(Reply, event.reply)} detail={event.detail!r}"
+                    self._log(level, f"option_{p.name_of(p.Option, event.option)}", detail)
+                elif isinstance(event, StartTls):
+                    await self._start_tls()
+                    hs.tls_established()
+                elif isinstance(event, Ready):
+                    return event, hs.trailing_data
+                else:  # Aborted or PeerClosed
+                    return None
+        except RemoteProtocolError:
+            # Best effort: a queued last reply (ERR_TOO_BIG) tells the client why.
+            with trio.move_on_after(CLOSE_TIMEOUT_S), suppress(*_TRANSPORT_ERRORS):
+                await self.stream.send_all(hs.data_to_send())
+            raise
+
+    async def _start_tls(self) -> None:
+        assert self.bridge.context is not None
+        tls = trio.SSLStream(self.stream, self.bridge.context, server_side=True)
+        try:
+            await tls.do_handshake()
+            role = require_peer_role(tls, NBD_CLIENT_ROLES)
+        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            raise ProtocolError(f"TLS handshake failed: {describe(exc)}", errno.EPERM) from exc
+        self.stream = tls
+        self._log(logging.INFO, "tls", f" role={role}")
+
+    async def _transmit(self, ready: Ready, trailing: bytes) -> str:
+        self.export, sr = ready.export.name[:64], ready.structured_replies
+        self._structured, self._layer = sr, self.bridge.layers[ready.export.name]
+        self._log(logging.INFO, "ready", f" flags=0x{ready.flags:x} sr={sr}")
+        session = Session.for_export(ready.export, flags=ready.flags, structured_replies=sr)
+        self.wire = _Wire(self.stream, trailing)
+        async with trio.open_nursery() as tasks:
+            try:
+                reason: str | Exception = await self._read(tasks, session)
+            except (RemoteProtocolError, *_TRANSPORT_ERRORS) as exc:
+                reason = exc  # raised once the in-flight bios have finished; their replies
+                await trio.aclose_forcefully(self.stream)  # fail fast on the dropped socket
+        if isinstance(reason, Exception):
+            raise reason
+        if reason == "disc":
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await self.stream.aclose()  # with TLS, a close_notify, as DISC requires
+        return reason
+
+    async def _read(self, tasks: trio.Nursery, session: Session) -> str:
+        while True:
+            req = await self.wire.read_header()
+            if req is None or req.command == Command.DISC:
+                return "eof" if req is None else "disc"
+            self.requests += 1
+            refused = tx.check_request(req, session)
+            if refused is not None:
+                self.refused += 1
+                self._log(logging.WARNING, "bad_request", f" {req.describe()} reason={refused}")
+                await self.wire.skip(req.payload_length)
+                await self._reply_error(req, refused)
+                continue
+            cost = tx.budget_bytes(req)
+            await self._slots.acquire()
+            await self._budget.acquire(cost)
+            await self.bridge.budget.acquire(cost)
+            buf = bytearray(req.length) if req.command in (Command.READ, Command.WRITE) else None
+            try:
+                if buf is not None and req.command == Command.WRITE:
+                    await self.wire.read_into(memoryview(buf))
+            except BaseException:
+                self._release(cost)  # the bridge-wide budget outlives this connection
+                raise
+            tasks.start_soon(self._execute, req, buf, cost)
+
+    def _release(self, cost: int) -> None:
+        self.bridge.budget.release(cost)
+        self._budget.release(cost)
+        self._slots.release()
+
+    async def _execute(self, req: Request, buf: bytearray | None, cost: int) -> None:
+        try:
+            try:
+                await self._submit(req, buf)
+            except BlockError as exc:
+                self._log(logging.WARNING, "request_failed", f" {req.describe()} error={exc}")
+                return await self._reply_error(req, exc)
+            if buf is not None and req.command == Command.READ:
+                sr = self._structured
+                head = tx.read_reply_header(req.handle, req.offset, len(buf), structured=sr)
+                await self._reply(head, memoryview(buf))
+            else:
+                await self._reply(tx.ok_reply(req.handle))
+        finally:
+            self._release(cost)
+
+    async def _submit(self, req: Request, buf: bytearray | None) -> None:
+        # READ, WRITE, FLUSH, TRIM, WRITE_ZEROES share their names with Op; CACHE has no bio:
+        # it is a hint, judged and acknowledged.
+        op, layer = Op.__members__.get(Command(req.command).name), self._layer
+        if op is None or layer is None:
+            return
+        flags = BioFlags.FUA if req.flags & CommandFlags.FUA else BioFlags.NONE
+        if req.flags & CommandFlags.NO_HOLE:
+            flags |= BioFlags.NO_HOLE
+        if buf is not None:
+            page = self.bridge.page_size
+            bios = [Bio.from_buffer(op, req.offset, buf, page_size=page, flags=flags)]
+        elif op is Op.FLUSH:
+            bios = [Bio(Op.FLUSH, 0, 0, flags=flags)]
+        else:  # TRIM/WRITE_ZEROES in sequential chunks: no wider fan-out than a maximal READ
+            end, step = req.offset + req.length, p.MAX_REQUEST_BYTES
+            starts = range(req.offset, end, step)
+            bios = [Bio(op, start, min(step, end - start), flags=flags) for start in starts]
+        for bio in bios:
+            validate_bio(bio, layer.limits, layer.size)  # the edge check, once, here
+            await submit_split(layer, bio)
+
+    async def _reply_error(self, req: Request, exc: BlockError) -> None:
+        sr = self._structured
+        await self._reply(tx.error_reply(req.handle, exc.errno, str(exc), structured=sr))
+
+    async def _reply(self, *parts: bytes | memoryview) -> None:
+        try:
+            await self.wire.send(*parts)
+        except _TRANSPORT_ERRORS as exc:  # gone or stalled: drop it, and the reader ends too
+            if not self.broken:
+                self.broken = describe(exc)
+                self._log(logging.WARNING, "reply_failed", f" reason={self.broken!r}")
+            await trio.aclose_forcefully(self.stream)
+
+
+class _Bridge:
+    """What every connection of one serve_nbd shares."""
+
+    def __init__(self, exports: Sequence[NbdExport], tls: TlsConfig | None, page_size: int):
+        self.page_size = page_size
+        self.layers = {e.name: e.layer for e in exports}
+        self.infos = [e.info(page_size) for e in exports]
+        check_exports(self.infos)
+        self.context = server_context(tls) if tls is not None else None
+        self.budget = _Budget(MAX_BRIDGE_BYTES)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        await _Connection(self, stream).run()
+
+
+async def serve_nbd(
+    listen: Address,
+    exports: Sequence[NbdExport],
+    *,
+    tls: TlsConfig | None = None,
+    page_size: int = 4096,
+    task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``exports`` over NBD on ``listen`` until cancelled; ``task_status.started`` gets
+    the bound address (port 0 allowed).  With ``tls`` every client must STARTTLS and present a
+    client certificate from the same CA (FORCEDTLS); without, on a non-loopback address, the
+    bridge warns and serves (refusing is the CLI's call: ``--insecure``).  Bad configuration
+    (no exports, duplicate or over-long names, a bad page size) is a ConfigError up front."""
+    bridge = _Bridge(exports, tls, page_size)
+    if tls is None and not is_loopback(listen.host):
+        log.warning("listen=%s event=plaintext reason='no TLS on a non-loopback address'", listen)
+    listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+    host, port = listeners[0].socket.getsockname()[:2]
+    bound = Address(str(host), int(port))
+    names = ",".join(e.name[:64] for e in exports)
+    log.info("listen=%s exports=%s tls=%s event=listening", bound, names, bool(tls))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, bridge.handle, listeners)
+        task_status.started(bound)
