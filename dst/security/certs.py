@@ -56,6 +56,14 @@ CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
+#: libnbd's and nbdkit's file names, as symlinks to ours (both sides: any node may be either).
+LIBNBD_ALIASES = {
+    "ca-cert.pem": CA_CERT_FILE,
+    "client-cert.pem": CERT_FILE,
+    "client-key.pem": KEY_FILE,
+    "server-cert.pem": CERT_FILE,
+    "server-key.pem": KEY_FILE,
+}
 
 # Certificates start a little in the past so that a peer whose clock lags ours by a few
 # minutes does not reject a certificate issued a moment ago.
@@ -360,6 +368,10 @@ def issue(
         _write_new(staging / CA_CERT_FILE, ca_cert.public_bytes(pem), _FILE_MODE)
         _write_new(staging / CERT_FILE, cert.public_bytes(pem), _FILE_MODE)
         _write_new(staging / KEY_FILE, _key_pem(key), _KEY_MODE)
+        # libnbd/nbdkit look for these names in a --tls-certificates directory, so the same
+        # node directory also works for nbdinfo, nbdcopy, qemu and nbdfuse (nbds:// URIs).
+        for alias, real in LIBNBD_ALIASES.items():
+            (staging / alias).symlink_to(real)
         if target.exists() or target.is_symlink():
             raise ConfigError(f"refusing to overwrite existing node directory {target}")
         staging.rename(target)

@@ -522,16 +522,10 @@ def pki(tmp_path: Path) -> Pki:
     nodes["replica"] = TlsConfig.load(issue(ca, "n-replica", "replica"))
     init_ca(tmp_path / "other-ca")
     nodes["foreign"] = TlsConfig.load(issue(tmp_path / "other-ca", "n-foreign", "client"))
-    libnbd = tmp_path / "libnbd-client"
-    libnbd.mkdir()
     client = nodes["client"]
-    for name, target in (
-        ("ca-cert.pem", client.ca_path),
-        ("client-cert.pem", client.cert_path),
-        ("client-key.pem", client.key_path),
-    ):
-        (libnbd / name).symlink_to(target)
-    return Pki(nodes["bridge"], client, nodes["replica"], nodes["foreign"], libnbd)
+    # `dst certs issue` writes libnbd's file names too: the node directory is the
+    # --tls-certificates directory as it is.
+    return Pki(nodes["bridge"], client, nodes["replica"], nodes["foreign"], client.directory)
 
 
 async def starttls(address: Address, tls: TlsConfig) -> RawClient:

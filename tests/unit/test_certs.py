@@ -103,7 +103,16 @@ def test_init_ca_rejects_bad_days(tmp_path: Path, days: int) -> None:
 def test_issue_writes_self_contained_node_directory(ca_dir: Path) -> None:
     node = issue(ca_dir, "r1", "replica")
     assert node == ca_dir / "r1"
-    assert sorted(p.name for p in node.iterdir()) == ["ca.pem", "cert.pem", "key.pem"]
+    names = sorted(p.name for p in node.iterdir() if not p.is_symlink())
+    assert names == ["ca.pem", "cert.pem", "key.pem"]
+    links = {p.name: p.readlink().name for p in node.iterdir() if p.is_symlink()}
+    assert links == {
+        "ca-cert.pem": "ca.pem",
+        "client-cert.pem": "cert.pem",
+        "client-key.pem": "key.pem",
+        "server-cert.pem": "cert.pem",
+        "server-key.pem": "key.pem",
+    }
     assert mode(node) == 0o700
     assert mode(node / "key.pem") == 0o600
     assert mode(node / "cert.pem") == 0o644
