@@ -14,7 +14,6 @@ from pathlib import Path
 import trio
 
 from dst.client import open_remote
-from dst.errors import ConfigError
 from dst.nbd.bridge import NbdExport, serve_nbd
 from dst.net.endpoints import Address
 from dst.security.tls import TlsConfig
@@ -39,13 +38,8 @@ async def run_bridge(
     config: BridgeConfig, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Serve ``config.volume`` over NBD until cancelled; ``task_status`` gets the address."""
-    if len(config.servers) != 1:
-        raise ConfigError(
-            f"{len(config.servers)} servers given: following a primary among several needs "
-            "replication, and --mirror the mirror layer; give one --server for now"
-        )
     async with open_remote(
-        config.servers[0],
+        config.servers,
         config.volume,
         tls=config.tls,
         role="bridge",
@@ -56,12 +50,7 @@ async def run_bridge(
         # fdatasync, which covers every write any connection had acknowledged: so a flush on
         # one connection covers all of them, which is what CAN_MULTI_CONN promises.
         export = NbdExport(config.volume, volume, multi_conn=True)
-        log.info(
-            "volume=%s server=%s size=%d event=attached",
-            config.volume,
-            config.servers[0],
-            volume.size,
-        )
+        log.info("volume=%s size=%d event=attached", config.volume, volume.size)
         await serve_nbd(
             config.listen,
             [export],

@@ -22,7 +22,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -48,6 +48,9 @@ from dst.wire import (
 
 log = logging.getLogger("dst.client")
 
+#: How a connection attempt fails: unreachable, refused, broken, or answered with an error.
+CONNECT_ERRORS = (OSError, trio.BrokenResourceError, ProtocolError, BlockError, trio.TooSlowError)
+
 
 @dataclass(frozen=True, slots=True)
 class RemoteConfig:
@@ -67,6 +70,10 @@ class RemoteConfig:
     # ENOTCONN (the replication layer records them in its dirty bitmap) instead of waiting
     # for a reconnect; reconnecting goes on in the background.
     resend: bool = True
+    # Other servers that hold the volume (a replicated pair): the client attaches wherever
+    # the volume is primary — a secondary refuses the attach with EROFS — and after a
+    # failover follows it to the other server.
+    alternates: tuple[Address, ...] = ()
 
 
 @dataclass(eq=False, slots=True)
@@ -120,6 +127,7 @@ class RemoteVolume:
         self._link: Link | None = None
         self._link_changed = trio.Event()
         self._generation = 0
+        self._server_index = 0
         self._giving_up = False
         self._slots: trio.Semaphore | None = None
         self._closed = False
@@ -260,20 +268,32 @@ class RemoteVolume:
         self._link_changed = trio.Event()
 
     async def _connect(self) -> Link:
+        """A link to the first server, starting with the last good one, that attaches."""
         cfg = self.config
-        link = await open_link(
-            cfg.address,
-            cfg.volume,
-            tls=cfg.tls,
-            role=cfg.role,
-            node_id=cfg.node_id or f"{socket.gethostname()}:{os.getpid()}",
-            page_size=cfg.page_size,
-            generation=self._generation,
-            tid=next(self._ids),
-            owner=self,
-        )
-        self._generation += 1
-        return link
+        servers = [cfg.address, *cfg.alternates]
+        order = servers[self._server_index :] + servers[: self._server_index]
+        error: BaseException | None = None
+        for address in order:
+            try:
+                link = await open_link(
+                    address,
+                    cfg.volume,
+                    tls=cfg.tls,
+                    role=cfg.role,
+                    node_id=cfg.node_id or f"{socket.gethostname()}:{os.getpid()}",
+                    page_size=cfg.page_size,
+                    generation=self._generation,
+                    tid=next(self._ids),
+                    owner=self,
+                )
+            except CONNECT_ERRORS as exc:
+                error = exc
+                continue
+            self._server_index = servers.index(address)
+            self._generation += 1
+            return link
+        assert error is not None
+        raise error
 
     def _adopt(self, link: Link) -> None:
         limits = self.own_limits.stack(link.limits)
@@ -309,13 +329,7 @@ class RemoteVolume:
                 log.info(
                     "volume=%s server=%s event=reconnected", self.config.volume, self.config.address
                 )
-            except (
-                OSError,
-                trio.BrokenResourceError,
-                ProtocolError,
-                BlockError,
-                trio.TooSlowError,
-            ) as exc:
+            except CONNECT_ERRORS as exc:
                 failures += 1
                 # The first failure is news; a peer retrying for hours should not flood the log.
                 level = logging.WARNING if failures == 1 or failures % 60 == 0 else logging.DEBUG
@@ -367,7 +381,7 @@ class RemoteVolume:
 
 @asynccontextmanager
 async def open_remote(
-    address: Address | str,
+    address: Address | str | Sequence[Address | str],
     volume: str,
     *,
     tls: TlsConfig | None = None,
@@ -380,17 +394,29 @@ async def open_remote(
 ) -> AsyncIterator[RemoteVolume]:
     """Connect to ``address``, attach ``volume`` and yield it as a block layer.
 
-    The first connection must succeed (so size and limits are known); later outages are
-    ridden out as the module docstring describes.
+    ``address`` may list several servers (a replicated pair): the volume is attached where it
+    is primary.  The first connection must succeed (so size and limits are known); later
+    outages are ridden out as the module docstring describes.
     """
-    if isinstance(address, str):
-        from dst.net.endpoints import parse_address
+    from dst.net.endpoints import parse_address
 
-        address = parse_address(address)
+    many = [address] if isinstance(address, str | Address) else list(address)
+    servers = [parse_address(a) if isinstance(a, str) else a for a in many]
+    if not servers:
+        raise ConfigError("no server address given")
     if page_size < 512 or page_size & (page_size - 1):
         raise ConfigError(f"page size {page_size}: must be a power of two >= 512")
     config = RemoteConfig(
-        address, volume, tls, role, node_id, page_size, max_retries, keepalive_s, dead_after_s
+        servers[0],
+        volume,
+        tls,
+        role,
+        node_id,
+        page_size,
+        max_retries,
+        keepalive_s,
+        dead_after_s,
+        alternates=tuple(servers[1:]),
     )
     remote = RemoteVolume(config)
     first = await remote._connect()

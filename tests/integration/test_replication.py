@@ -197,3 +197,21 @@ async def test_dst_status_shows_roles_connection_and_out_of_sync(tmp_path: Path)
             assert doc["role"] == "secondary" and doc["sessions"]["replica"] == 1
             table = (await run([*dst, str(primary.listen_address)])).stdout.decode()
             assert re.search(r"vol0\s+64\.0 MiB\s+connected\s+up-to-date\s+up-to-date", table)
+
+
+async def test_clients_listing_both_servers_attach_where_the_volume_is_primary(
+    tmp_path: Path,
+) -> None:
+    async with running_server(
+        tmp_path / "secondary", VOLUME, peer=Address("127.0.0.1", 1), role="secondary"
+    ) as secondary:
+        assert secondary.listen_address is not None
+        async with running_server(
+            tmp_path / "primary", VOLUME, peer=secondary.listen_address, role="primary"
+        ) as primary:
+            assert primary.listen_address is not None
+            # the secondary first: it refuses (EROFS) and the client moves on to the primary
+            both = [secondary.listen_address, primary.listen_address]
+            async with open_remote(both, "vol0") as vol:
+                await vol.submit(Bio.from_buffer(Op.WRITE, 0, b"p" * 4096))
+            assert primary.sessions["client"] == 0 and primary.stats["write"] == 1
