@@ -171,7 +171,9 @@ def _fio(uri: str, rw: str, bs: str, depth: int, seconds: float, size: int) -> f
         capture_output=True,
         timeout=seconds * 10 + 60,
     )
-    job = json.loads(out.stdout)["jobs"][0]
+    # the nbd engine prints "fio: connected to NBD server" ahead of the JSON
+    text = out.stdout.decode()
+    job = json.loads(text[text.index("{") :])["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
     return float(side["iops"]) if bs == "4k" else float(side["bw_bytes"]) / MiB
 
