@@ -89,6 +89,7 @@ def qemu_nbd(tmp: Path, size: int) -> Iterator[str]:
     port = _free_port()
     argv = [
         "qemu-nbd",
+        "--persistent",  # outlive the first client
         "-f",
         "raw",
         "-b",
