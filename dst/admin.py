@@ -1,5 +1,5 @@
-"""Operator commands that talk to servers: ``dst status`` and ``dst verify`` (``promote``
-comes with failover).  Each opens short admin connections of its own, asks, and closes."""
+"""Operator commands that talk to servers: ``dst status``, ``dst promote``, ``dst verify``.
+Each opens short admin connections of its own, asks, and closes."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from dst.wire import (
     Attached,
     ChecksumRequest,
     Connection,
+    PromoteRequest,
     Reply,
     StatusReply,
     StatusRequest,
@@ -42,6 +43,23 @@ async def fetch_status(address: Address, tls: TlsConfig | None) -> Mapping[str, 
     finally:
         await trio.aclose_forcefully(framed.stream)
     return reply.status
+
+
+async def promote(address: Address, volume: str, tls: TlsConfig | None, *, force: bool) -> None:
+    """Ask a secondary to become the primary of ``volume``; BlockError if it refuses."""
+    framed, _ = await connect(address, tls)
+    try:
+        with trio.fail_after(SETUP_TIMEOUT_S):
+            node = f"{socket.gethostname()}:{os.getpid()}/promote"
+            conn, _ = await handshake(framed, role="client", node_id=node, page_size=4096)
+            request = PromoteRequest(tid=1, volume=volume, force=force)
+            conn.send(request)
+            await framed.send(encode_frame(request))
+            reply = await expect(framed, conn, Reply)
+    finally:
+        await trio.aclose_forcefully(framed.stream)
+    if reply.errno:
+        raise BlockError(reply.errno, reply.message)
 
 
 def _size(n: int) -> str:

@@ -133,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", metavar="DIR", type=Path, help="node directory from `dst certs issue`")
 
     p = sub.add_parser(
+        "promote",
+        help="make a secondary the primary of a volume (after the primary died)",
+        parents=[common],
+    )
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the secondary")
+    p.add_argument("--volume", required=True, metavar="NAME")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="even while the old primary is still connected (split brain risk)",
+    )
+    p.add_argument("--tls", metavar="DIR", type=Path, help="node directory from `dst certs issue`")
+
+    p = sub.add_parser(
         "verify",
         help="compare a volume's replicas extent by extent (checksums only)",
         parents=[common],
@@ -254,6 +268,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    from dst.admin import promote
+
+    tls = TlsConfig.load(args.tls) if args.tls else None
+    trio.run(partial(promote, parse_address(args.server), args.volume, tls, force=args.force))
+    print(f"dst promote: {args.volume} is primary on {args.server}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from dst.admin import verify
 
@@ -321,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(args)
         if args.command == "verify":
             return cmd_verify(args)
+        if args.command == "promote":
+            return cmd_promote(args)
     except (ConfigError, DstError, OSError) as exc:
         return _fail(args.command, exc)
     except BaseExceptionGroup as group:

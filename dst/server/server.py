@@ -7,6 +7,7 @@ addresses through ``task_status`` (so tests and ``dst up`` can listen on port 0)
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections import Counter
@@ -18,7 +19,7 @@ import trio
 
 from dst.block import Limits
 from dst.client.remote import RemoteVolume
-from dst.errors import ConfigError
+from dst.errors import BlockError, ConfigError
 from dst.net.endpoints import Address, serve
 from dst.net.framed import FramedStream
 from dst.replication.peer import open_peer
@@ -68,6 +69,9 @@ class Server:
         self.pool = PagePool(config.page_size, max(config.pool_bytes, config.max_bytes))
         self.volumes: dict[str, Volume] = {}
         self.peers: list[RemoteVolume] = []
+        #: "primary" | "secondary" | "standalone"; starts as configured, promote changes it.
+        self.role = config.role
+        self._nursery: trio.Nursery | None = None
         if (config.peer is None) != (config.role == "standalone"):
             raise ConfigError(
                 f"role {config.role!r} with peer {config.peer}: --peer and --role go together"
@@ -79,11 +83,7 @@ class Server:
 
     def open_volumes(self, specs: Iterable[tuple[str, int]]) -> None:
         for name, size in specs:
-            peer = None
-            if self.config.role == "primary":
-                assert self.config.peer is not None
-                peer = open_peer(self.config.peer, name, self.config.tls, self.node_id)
-                self.peers.append(peer)
+            peer = self._peer_link(name) if self.role == "primary" else None
             volume = Volume.open(self.config.data_dir, name, size, limits=self.limits, peer=peer)
             self.volumes[name] = volume
             log.info(
@@ -93,6 +93,45 @@ class Server:
                 volume.epoch,
                 self.config.data_dir / f"{name}.img",
             )
+
+    def _peer_link(self, volume: str) -> RemoteVolume:
+        assert self.config.peer is not None
+        peer = open_peer(self.config.peer, volume, self.config.tls, self.node_id)
+        self.peers.append(peer)
+        return peer
+
+    async def promote(self, name: str, *, force: bool) -> None:
+        """Make this secondary the primary of ``name`` (the old primary died): from now on it
+        takes clients' writes, replicates to the configured peer when that comes back as a
+        secondary, and records in its bitmap what the peer misses meanwhile."""
+        volume = self.volumes.get(name)
+        if volume is None:
+            raise BlockError(errno.ENOENT, f"volume {name!r} does not exist on this server")
+        if volume.replicated is not None:
+            return  # already primary: promote is idempotent
+        if self.role != "secondary":
+            raise BlockError(errno.EINVAL, f"this server is {self.role}, not a secondary")
+        if self.sessions.get("replica") and not force:
+            raise BlockError(
+                errno.EBUSY,
+                "the primary is still connected to this secondary; stop it first "
+                "(or promote with force)",
+            )
+        assert self._nursery is not None
+        promoted = Volume.open(
+            self.config.data_dir,
+            name,
+            volume.size,
+            limits=self.limits,
+            peer=self._peer_link(name),
+            store=volume.layer,
+        )
+        assert promoted.replicated is not None
+        await self._nursery.start(promoted.replicated.peer.run, None)
+        self._nursery.start_soon(promoted.replicated.run_resync)
+        volume.layer, volume.replicated = promoted.layer, promoted.replicated
+        self.role = "primary"
+        log.warning("volume=%s peer=%s event=promoted force=%s", name, self.config.peer, force)
 
     async def _on_connection(self, framed: FramedStream, role: str | None, peer: str) -> None:
         self.stats["connections"] += 1
@@ -107,6 +146,7 @@ class Server:
         self.started_at = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 for volume in self.volumes.values():
                     if volume.replicated is not None:
                         await nursery.start(volume.replicated.peer.run, None)
@@ -122,7 +162,7 @@ class Server:
                     self.listen_address,
                     "on" if self.config.tls else "off",
                     self.page_size,
-                    self.config.role,
+                    self.role,
                     self.config.peer,
                 )
                 task_status.started(self.listen_address)

@@ -207,8 +207,7 @@ class Session:
             elif isinstance(msg, ChecksumRequest):
                 nursery.start_soon(self._checksum, msg)
             elif isinstance(msg, PromoteRequest):
-                text = "promote is not implemented by this server yet"
-                nursery.start_soon(self._answer, msg.tid, 0, errno.EOPNOTSUPP, text)
+                nursery.start_soon(self._promote, msg)
             elif isinstance(msg, DataRequest):
                 pages: Pages | None = None
                 if isinstance(msg, WriteRequest):
@@ -254,6 +253,17 @@ class Session:
     async def _status(self, msg: StatusRequest) -> None:
         try:
             await self._reply(StatusReply(tid=msg.tid, status=status_document(self.server)))
+        finally:
+            self.slots.release()
+
+    async def _promote(self, msg: PromoteRequest) -> None:
+        try:
+            try:
+                await self.server.promote(msg.volume, force=msg.force)
+            except BlockError as exc:
+                await self._reply(Reply(tid=msg.tid, sub=0, errno=exc.errno, message=str(exc)))
+                return
+            await self._reply(Reply(tid=msg.tid, sub=0, errno=0, message=""))
         finally:
             self.slots.release()
 
@@ -322,7 +332,11 @@ class Session:
                     )
                 )
                 return
-            if self.server.config.role == "secondary" and self.role != "replica":
+            if (
+                volume.replicated is None
+                and self.server.role == "secondary"
+                and self.role != "replica"
+            ):
                 await self._reply(
                     Reply(
                         tid=msg.tid,

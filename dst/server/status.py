@@ -18,7 +18,7 @@ def status_document(server: Server) -> dict[str, StatusValue]:
     cfg = server.config
     return {
         "node": server.node_id,
-        "role": cfg.role,
+        "role": server.role,
         "listen": str(server.listen_address),
         "peer": str(cfg.peer) if cfg.peer else None,
         "page_size": server.page_size,
@@ -53,7 +53,7 @@ def _volume(server: Server, volume: Volume) -> dict[str, StatusValue]:
             "rate_bytes_s": int(s.resync_rate_bytes_s),
         }
         doc["degraded_writes"] = s.degraded_writes
-    elif server.config.role == "secondary":
+    elif server.role == "secondary":
         doc["connection"] = "connected" if server.sessions.get("replica") else "disconnected"
         doc["disk"] = "secondary"
     return doc

@@ -109,6 +109,7 @@ class Volume:
         *,
         limits: Limits,
         peer: RemoteVolume | None = None,
+        store: BlockLayer | None = None,
     ) -> Volume:
         """Open (or create) ``name`` in ``data_dir``; a size that disagrees with the existing
         volume is a ConfigError rather than a silent resize.  With ``peer`` (a replication
@@ -127,7 +128,8 @@ class Volume:
             meta = VolumeMeta(name=name, size=size, uuid=str(uuid.uuid4()), epoch=1)
         image = data_dir / f"{name}.img"
         had_data = image.exists()
-        store = FileStore.open(image, size, create=True, limits=limits)
+        if store is None:  # (promotion passes the store it already has open)
+            store = FileStore.open(image, size, create=True, limits=limits)
         if not meta_path.exists():
             write_meta_atomically(meta_path, meta)
         if peer is None:

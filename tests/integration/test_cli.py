@@ -12,7 +12,20 @@ import pytest
 DST = [sys.executable, "-m", "dst"]
 
 
-@pytest.mark.parametrize("args", [[], ["serve"], ["nbd"], ["up"], ["certs"], ["certs", "issue"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["serve"],
+        ["nbd"],
+        ["up"],
+        ["status"],
+        ["promote"],
+        ["verify"],
+        ["certs"],
+        ["certs", "issue"],
+    ],
+)
 def test_help(args: list[str]) -> None:
     out = subprocess.run([*DST, *args, "--help"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr

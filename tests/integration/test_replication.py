@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import trio
 
+from dst.admin import fetch_status
 from dst.block import Bio, BioFlags, Limits, MemoryStore, Op, Segment
 from dst.client import open_remote
 from dst.errors import BlockError
 from dst.net.endpoints import Address
-from tests.integration.harness import ServerProcess, free_port, running_server
+from tests.integration.harness import ServerProcess, free_port, pair_processes, running_server
 from tests.integration.nbdtools import run, text
 
 MiB = 1 << 20
@@ -253,3 +254,83 @@ async def test_dst_verify_finds_exactly_the_extent_that_differs(tmp_path: Path) 
             assert out.returncode == 1, text(out)
             assert "1 differ" in out.stdout.decode()
             assert f"differs: offset {5 * MiB} length 65536" in out.stdout.decode()
+
+
+async def test_primary_killed_promote_secondary_then_old_primary_rejoins(tmp_path: Path) -> None:
+    """Failover: every write acknowledged before the crash is on the promoted secondary; the
+    client follows it without an error; the old primary, restarted as secondary, is resynced
+    until the two data files are identical."""
+    rng = random.Random(5)
+    with pair_processes(tmp_path) as (primary, secondary):
+        secondary.start()
+        primary.start()
+        acked: dict[int, bytes] = {}
+        async with open_remote(
+            [primary.address, secondary.address], "vol0", keepalive_s=0.2, dead_after_s=1.0
+        ) as vol:
+            stop = trio.Event()
+            errors: list[BaseException] = []
+
+            async def writer(worker: int) -> None:
+                while not stop.is_set():
+                    block = rng.randrange(256) * 4 + worker  # each worker owns its blocks
+                    data = rng.randbytes(4096)
+                    try:
+                        await vol.submit(Bio.from_buffer(Op.WRITE, block * 4096, data))
+                    except BlockError as exc:
+                        errors.append(exc)
+                        return
+                    acked[block] = data
+
+            async with trio.open_nursery() as nursery:
+                for w in range(4):
+                    nursery.start_soon(writer, w)
+                await trio.sleep(0.7)
+                primary.kill(signal.SIGKILL)
+                promote = [
+                    sys.executable,
+                    "-m",
+                    "dst",
+                    "promote",
+                    "--server",
+                    str(secondary.address),
+                    "--volume",
+                    "vol0",
+                ]
+                with trio.fail_after(10):
+                    while (await run(promote, check=False)).returncode != 0:
+                        await trio.sleep(0.2)  # EBUSY until it notices the primary is gone
+                before = len(acked)
+                with trio.fail_after(20):
+                    while len(acked) < before + 50:  # writes flow again, on the new primary
+                        await trio.sleep(0.05)
+                stop.set()
+            assert not errors
+            for block, data in acked.items():
+                out = bytearray(4096)
+                await vol.submit(Bio.from_buffer(Op.READ, block * 4096, out))
+                assert out == data, block
+        # the old primary comes back as a secondary of the new one, on its old address
+        old = ServerProcess(
+            primary.data_dir,
+            primary.address.port,
+            "vol0=64M",
+            tmp_path / "old-primary.log",
+            "--peer",
+            str(secondary.address),
+            "--role",
+            "secondary",
+        )
+        try:
+            old.start()
+            with trio.fail_after(60):
+                while True:
+                    doc = await fetch_status(secondary.address, None)
+                    v = doc["volumes"]["vol0"]
+                    if v["connection"] == "connected" and v["out_of_sync_bytes"] == 0:
+                        break
+                    await trio.sleep(0.2)
+            assert doc["role"] == "primary"
+            assert same_files(primary.data_dir / "vol0.img", secondary.data_dir / "vol0.img")
+        finally:
+            old.stop()
