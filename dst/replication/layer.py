@@ -21,6 +21,10 @@ conflict detection, done by waiting); non-overlapping writes proceed in parallel
 in the persistent dirty bitmap, the bitmap is flushed, and only then is the write
 acknowledged: an acknowledged write the peer lacks is always on disk in the bitmap.
 
+**Activity log.**  Before a write is issued its extents are active in the on-disk activity
+log; after a crash of the primary, the extents the log still holds are marked dirty at start
+(``Volume.open``), so writes that reached one side and not the other are resynced.
+
 **Resync.**  A background task waits for the peer link; while dirty extents exist and the
 link is up, it copies each one (read locally under the extent's write lock, write to the
 peer), clears its bit, and flushes the bitmap now and then; a token bucket bounds the rate.
@@ -41,6 +45,7 @@ from dst.block import Bio, Limits, Op, split
 from dst.block.layer import BlockLayer
 from dst.client.remote import RemoteVolume
 from dst.errors import BlockError
+from dst.replication.activity_log import ActivityLog, ActivityLogFullError
 from dst.replication.bitmap import DirtyBitmap
 
 log = logging.getLogger("dst.replication")
@@ -72,11 +77,14 @@ class Replicated:
         peer: RemoteVolume,
         bitmap: DirtyBitmap,
         *,
+        activity_log: ActivityLog | None = None,
         resync_rate: int = DEFAULT_RESYNC_RATE,
     ) -> None:
         self.local = local
         self.peer = peer
         self.bitmap = bitmap
+        self.al = activity_log
+        self._al_freed = trio.Event()
         self.resync_rate = resync_rate
         self._limits = Limits(boundary=REPLICATION_BOUNDARY).stack(local.limits)
         self._writes: list[tuple[int, int, trio.Event]] = []
@@ -127,7 +135,30 @@ class Replicated:
 
     async def _write(self, piece: Bio) -> None:
         async with self._locked(piece.offset, piece.offset + piece.length):
-            await self._both(piece, piece)
+            if self.al is None:
+                await self._both(piece, piece)
+                return
+            await self._al_begin(piece.offset, piece.length)
+            try:
+                await self._both(piece, piece)
+            finally:
+                # Safe now: on both sides, or marked and flushed in the bitmap.
+                self.al.end(piece.offset, piece.length)
+                self._al_freed.set()
+                self._al_freed = trio.Event()
+
+    async def _al_begin(self, offset: int, length: int) -> None:
+        """Make the write's extents active in the activity log — persisted before the write
+        is issued, so after a crash of this primary the extents that may differ are known."""
+        assert self.al is not None
+        while True:
+            try:
+                must_commit = self.al.begin(offset, length)
+                break
+            except ActivityLogFullError:
+                await self._al_freed.wait()  # every slot holds a write in flight
+        if must_commit:
+            await trio.to_thread.run_sync(self.al.commit)
 
     async def _both(self, local_bio: Bio, peer_bio: Bio) -> None:
         """Run a bio on both sides; a peer failure degrades (bitmap), a local one fails."""
@@ -247,4 +278,7 @@ class Replicated:
         )
 
     async def aclose(self) -> None:
+        if self.al is not None:
+            # A clean stop: no write is in flight, the bitmap holds what the peer lacks.
+            await trio.to_thread.run_sync(self.al.clear)
         await self.local.aclose()

@@ -5,6 +5,7 @@ On disk, in the server's data directory:
 - ``NAME.img`` — the data, one file of exactly the volume's size (sparse when created), so an
   operator can ``cmp``, ``qemu-img info`` or loop-mount it offline;
 - ``NAME.bitmap`` — on a replication primary, the persistent out-of-sync bitmap;
+- ``NAME.al`` — on a replication primary, the activity log (extents with writes in flight);
 - ``NAME.meta.json`` — small metadata (size, volume uuid, epoch), replaced atomically
   (write a temporary file, fsync it, rename, fsync the directory).
 
@@ -15,6 +16,7 @@ replication primary ``Replicated`` over it; fencing goes on top.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import uuid
@@ -24,8 +26,11 @@ from pathlib import Path
 from dst.block import BlockLayer, FileStore, Limits
 from dst.client.remote import RemoteVolume
 from dst.errors import ConfigError
+from dst.replication.activity_log import ActivityLog
 from dst.replication.bitmap import DirtyBitmap
 from dst.replication.layer import Replicated
+
+log = logging.getLogger("dst.server")
 
 # Names become file names; keep them portable and unable to escape the data directory.
 VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -138,7 +143,20 @@ class Volume:
         bitmap_path = data_dir / f"{name}.bitmap"
         create_dirty = had_data and not bitmap_path.exists()
         bitmap = DirtyBitmap.open(bitmap_path, size, create_dirty=create_dirty)
-        replicated = Replicated(store, peer, bitmap)
+        al = ActivityLog.open(data_dir / f"{name}.al", size)
+        if not al.was_clean:
+            # This primary crashed: writes in flight then may be on one side only.
+            recovered = al.recovered_extents
+            for offset, length in recovered:
+                bitmap.mark(offset, length)
+            bitmap.flush()
+            log.warning(
+                "volume=%s event=crash_recovery al_extents=%d bytes=%d (marked out of sync)",
+                name,
+                len(recovered),
+                sum(length for _, length in recovered),
+            )
+        replicated = Replicated(store, peer, bitmap, activity_log=al)
         return cls(data_dir, meta, replicated, replicated)
 
     async def aclose(self) -> None:
