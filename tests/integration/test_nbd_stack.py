@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.integration.harness import bridge_process, free_port, server_process
+from tests.integration.harness import bridge_process, free_port, pair_processes
 from tests.integration.nbdtools import run, text
 
 MiB = 1 << 20
@@ -26,12 +26,16 @@ MiB = 1 << 20
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[tuple[Path, str]]:
-    """(server data dir, NBD URI) for a 128 MiB volume behind `dst nbd`."""
-    with server_process(tmp_path, "vol0=128M") as sp:
-        sp.start()
-        with bridge_process(tmp_path, sp.address) as bp:
+    """(primary's data dir, NBD URI) for a 128 MiB volume replicated between two `dst serve`
+    processes, behind a `dst nbd` that lists both servers and follows the primary."""
+    with pair_processes(tmp_path, "vol0=128M") as (primary, secondary):
+        secondary.start()
+        primary.start()
+        with bridge_process(
+            tmp_path, secondary.address, "vol0", "--server", str(primary.address)
+        ) as bp:
             bp.start()
-            yield sp.data_dir, f"nbd://{bp.address}/vol0"
+            yield primary.data_dir, f"nbd://{bp.address}/vol0"
 
 
 async def test_nbdinfo_reports_size_block_sizes_and_flags(stack: tuple[Path, str]) -> None:
@@ -59,8 +63,9 @@ async def test_nbdcopy_64mib_in_and_out(stack: tuple[Path, str], tmp_path: Path)
     with open(out, "rb") as f:
         assert f.read(64 * MiB) == src.read_bytes()
         assert f.read() == bytes(64 * MiB)
-    # the server's data file is the volume, byte for byte
+    # each replica's data file is the volume, byte for byte
     await run(["cmp", "-n", str(64 * MiB), str(src), str(data_dir / "vol0.img")])
+    await run(["cmp", str(data_dir / "vol0.img"), str(data_dir.parent / "secondary" / "vol0.img")])
 
 
 async def test_qemu_img_convert_and_compare(stack: tuple[Path, str], tmp_path: Path) -> None:
@@ -104,9 +109,10 @@ async def test_qemu_io_writev_and_read_misaligned(
 async def test_ext4_on_a_sector_63_partition_through_nbdfuse_and_loop(
     stack: tuple[Path, str], tmp_path: Path
 ) -> None:
-    """Seed 000's shape end to end: a filesystem at sector 63 issues misaligned multi-segment
-    I/O; the bridge splits it, and the filesystem checks clean and reads back."""
-    _, uri = stack
+    """Seed 000's shape end to end: a filesystem on a partition at sector 63, through the NBD
+    bridge and the 32 KiB-segmenting replication layer, issues misaligned multi-segment I/O;
+    it is split, never refused, and the filesystem checks clean and reads back."""
+    data_dir, uri = stack
     fuse_dir = tmp_path / "fuse"
     fs_dir = tmp_path / "fs"
     fuse_dir.mkdir()
@@ -148,6 +154,8 @@ async def test_ext4_on_a_sector_63_partition_through_nbdfuse_and_loop(
             fsck = await run(["e2fsck", "-fn", loop], check=False)
             log.append(text(fsck))
             assert fsck.returncode == 0, text(fsck)
+    # both replicas hold the same filesystem, byte for byte
+    await run(["cmp", str(data_dir / "vol0.img"), str(data_dir.parent / "secondary" / "vol0.img")])
     print("\n".join(log))
 
 
