@@ -310,34 +310,32 @@ async def test_aclose_waits_for_bios_in_flight(
 async def test_uncached_reads_fall_back_to_a_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Cached reads run on the event loop with RWF_NOWAIT; pages the cache dropped must come
-    from a worker thread instead, with the same bytes."""
+    """Cached reads run on the event loop with RWF_NOWAIT; when the page cache cannot serve
+    them (EAGAIN — simulated here, since dropping pages on demand is not reliable on a busy
+    machine) they come from a worker thread instead, with the same bytes."""
     store = FileStore.open(tmp_path / "vol.img", SIZE)
     raw = bytes(pattern(11, 256 * 1024))
     await store.submit(Bio.from_buffer(Op.WRITE, 0, raw, flags=BioFlags.FUA))
-    fd = os.open(tmp_path / "vol.img", os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: really dropped
-    finally:
-        os.close(fd)
     outcomes: list[str] = []
     real = os.preadv
+    uncached = True
 
     def spy(fd: int, buffers: list[memoryview], offset: int, *flags: int) -> int:
-        try:
-            count = real(fd, buffers, offset, *flags)
-        except BlockingIOError:
+        if flags and uncached:
             outcomes.append("eagain")
-            raise
+            raise BlockingIOError(errno.EAGAIN, "would block")
         outcomes.append("nowait" if flags else "thread")
-        return count
+        return real(fd, buffers, offset, *flags)
 
     monkeypatch.setattr(os, "preadv", spy)
     out = bytearray(len(raw))
     await store.submit(Bio.from_buffer(Op.READ, 0, out))
     assert out == raw
-    assert "thread" in outcomes, outcomes
+    assert outcomes[0] == "eagain" and "thread" in outcomes, outcomes
     outcomes.clear()
-    await store.submit(Bio.from_buffer(Op.READ, 0, out))  # now cached
+    uncached = False
+    out[:] = bytes(len(out))
+    await store.submit(Bio.from_buffer(Op.READ, 0, out))
+    assert out == raw
     assert outcomes and set(outcomes) == {"nowait"}, outcomes
     await store.aclose()

@@ -272,9 +272,9 @@ async def test_replies_in_completion_order(tmp_path: Path, monkeypatch: pytest.M
         assert len(first.data) == 4096 and second.message.errno == 0
 
 
-async def test_checksums_per_extent_and_promote_refused(tmp_path: Path) -> None:
+async def test_checksums_per_extent_and_promote_refused_when_standalone(tmp_path: Path) -> None:
     """ChecksumRequest answers the crc32c of each extent (what `dst verify` compares);
-    PromoteRequest is answered, not dropped, until replication implements it."""
+    PromoteRequest on a server that is not a secondary is refused, with a reason."""
     async with running_server(tmp_path) as server, raw(server.listen_address) as peer:  # type: ignore[arg-type]
         h = await peer.handshake()
         data = bytes(random.Random(9).randbytes(3 * 65536))
@@ -311,4 +311,5 @@ async def test_checksums_per_extent_and_promote_refused(tmp_path: Path) -> None:
         assert (await peer.reply()).errno == errno.EINVAL
         await peer.send(PromoteRequest(tid=73, volume="vol0", force=False))
         reply = await peer.reply()
-        assert (reply.tid, reply.errno) == (73, errno.EOPNOTSUPP)
+        assert (reply.tid, reply.errno) == (73, errno.EINVAL)
+        assert "standalone" in reply.message
