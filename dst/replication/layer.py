@@ -54,6 +54,8 @@ log = logging.getLogger("dst.replication")
 REPLICATION_BOUNDARY = 32 * 1024
 #: Default resync rate cap, bytes/s: leaves most of a gigabit link and disk to the workload.
 DEFAULT_RESYNC_RATE = 64 << 20
+#: Extent copies in flight during a resync.
+RESYNC_PARALLEL = 8
 #: Flush cleared bits to disk after this many resynced bytes (a lost clear costs a re-copy).
 RESYNC_FLUSH_EVERY = 64 << 20
 
@@ -224,30 +226,49 @@ class Replicated:
         self._resync_total = self.bitmap.dirty_bytes
         self._resync_done = 0
         started = trio.current_time()
-        since_flush = 0
         step = self.bitmap.extent_size
+        extents = iter(
+            [
+                pos
+                for offset, length in list(self.bitmap.dirty_extents())
+                for pos in range(offset, min(offset + length, self.size), step)
+            ]
+        )
+        since_flush = 0
         log.info("event=resync_started out_of_sync=%d", self._resync_total)
-        buf = memoryview(bytearray(step))
+
+        async def worker() -> None:
+            # Several copies in flight: one at a time leaves the link idle between them.
+            nonlocal since_flush
+            buf = memoryview(bytearray(step))
+            for pos in extents:
+                n = min(step, self.size - pos)
+                await self._copy(pos, buf[:n])
+                self._resync_done += n
+                self._resynced += n
+                since_flush += n
+                elapsed = trio.current_time() - started
+                self._resync_rate = self._resync_done / elapsed if elapsed else 0.0
+                ahead = self._resync_done / self.resync_rate - elapsed  # token bucket
+                if ahead > 0:
+                    await trio.sleep(ahead)
+                if since_flush >= RESYNC_FLUSH_EVERY:
+                    since_flush = 0
+                    await trio.to_thread.run_sync(self.bitmap.flush)
+
+        interrupted = ""
         try:
-            for offset, length in list(self.bitmap.dirty_extents()):
-                for pos in range(offset, min(offset + length, self.size), step):
-                    n = min(step, self.size - pos)
-                    await self._copy(pos, buf[:n])
-                    self._resync_done += n
-                    self._resynced += n
-                    since_flush += n
-                    elapsed = trio.current_time() - started
-                    self._resync_rate = self._resync_done / elapsed if elapsed else 0.0
-                    ahead = self._resync_done / self.resync_rate - elapsed  # token bucket
-                    if ahead > 0:
-                        await trio.sleep(ahead)
-                    if since_flush >= RESYNC_FLUSH_EVERY:
-                        since_flush = 0
-                        await trio.to_thread.run_sync(self.bitmap.flush)
+            async with trio.open_nursery() as nursery:
+                for _ in range(RESYNC_PARALLEL):
+                    nursery.start_soon(worker)
             await self.peer.submit(Bio(Op.FLUSH, 0, 0))
             await trio.to_thread.run_sync(self.bitmap.flush)
-        except BlockError as exc:
-            log.warning("event=resync_interrupted done=%d reason=%r", self._resync_done, str(exc))
+        except* BlockError as group:
+            interrupted = str(group.exceptions[0])
+        if interrupted:
+            log.warning(
+                "event=resync_interrupted done=%d reason=%r", self._resync_done, interrupted
+            )
             return
         log.info(
             "event=resync_finished bytes=%d seconds=%.2f",
