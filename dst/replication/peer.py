@@ -16,6 +16,10 @@ from dst.security.tls import TlsConfig
 #: A silent peer is declared gone after this long; writes meanwhile wait, so keep it short.
 PEER_DEAD_AFTER_S = 3.0
 PEER_KEEPALIVE_S = 0.5
+#: Ends the node id a replication link says Hello with: a primary refuses to be replicated
+#: into by another primary (two primaries = split brain), while other replica-role readers
+#: (``dst verify``) may still attach.
+REPLICATION_NODE_SUFFIX = "/replication"
 
 
 def open_peer(address: Address, volume: str, tls: TlsConfig | None, node_id: str) -> RemoteVolume:
@@ -26,7 +30,7 @@ def open_peer(address: Address, volume: str, tls: TlsConfig | None, node_id: str
         volume,
         tls=tls,
         role="replica",
-        node_id=f"{node_id}/replication",
+        node_id=node_id + REPLICATION_NODE_SUFFIX,
         keepalive_s=PEER_KEEPALIVE_S,
         dead_after_s=PEER_DEAD_AFTER_S,
         resend=False,

@@ -26,6 +26,7 @@ from dst.block import Bio, BioFlags, Op, Segment, validate_bio
 from dst.errors import BlockError, ProtocolError
 from dst.net.convert import limits_to_wire
 from dst.net.framed import FramedStream, describe
+from dst.replication.peer import REPLICATION_NODE_SUFFIX
 from dst.server.pool import Pages
 from dst.server.status import status_document
 from dst.wire import (
@@ -344,6 +345,31 @@ class Session:
                         errno=errno.EROFS,
                         message=f"volume {msg.volume!r} is secondary on this server; "
                         "only its primary writes to it",
+                    )
+                )
+                return
+            if volume.replicated is not None and self.node.endswith(REPLICATION_NODE_SUFFIX):
+                # Another server wants to replicate into a volume that is primary here: two
+                # primaries, both taking writes. Never let one overwrite the other silently.
+                # Whichever side the operator keeps must later rewrite all of the other: its
+                # own bitmap does not know what the other primary wrote.
+                bitmap = volume.replicated.bitmap
+                bitmap.mark_all()
+                await trio.to_thread.run_sync(bitmap.flush)
+                log.error(
+                    "peer=%s node=%s volume=%s event=split_brain_suspected "
+                    "reason='both servers are primary'",
+                    self.peer,
+                    self.node,
+                    volume.name,
+                )
+                await self._reply(
+                    Reply(
+                        tid=msg.tid,
+                        sub=0,
+                        errno=errno.EBUSY,
+                        message=f"volume {msg.volume!r} is primary on this server too "
+                        "(split brain?): restart one side with --role secondary",
                     )
                 )
                 return

@@ -371,3 +371,60 @@ async def test_primary_crash_and_restart_resyncs_its_activity_log_extents(tmp_pa
         m = re.search(r"event=crash_recovery al_extents=(\d+) bytes=(\d+)", log)
         assert m and 0 < int(m.group(2)) <= HOT, "the AL named the hot extents, not the volume"
         assert same_files(primary.data_dir / "vol0.img", secondary.data_dir / "vol0.img")
+
+
+async def test_two_primaries_refuse_to_replicate_into_each_other(tmp_path: Path) -> None:
+    """Split-brain guard: a former primary restarted as primary after a failover must not
+    overwrite the new primary's writes. Each side refuses the other's link (EBUSY, logged),
+    both go on degraded, and neither's data reaches the other."""
+    pa, pb = free_port(), free_port()
+    a = ServerProcess(
+        tmp_path / "a",
+        pa,
+        "vol0=64M",
+        tmp_path / "a.log",
+        "--peer",
+        f"127.0.0.1:{pb}",
+        "--role",
+        "primary",
+    )
+    b = ServerProcess(
+        tmp_path / "b",
+        pb,
+        "vol0=64M",
+        tmp_path / "b.log",
+        "--peer",
+        f"127.0.0.1:{pa}",
+        "--role",
+        "primary",
+    )
+    try:
+        a.start()
+        b.start()
+        for proc, byte in ((a, b"A"), (b, b"B")):
+            async with open_remote(proc.address, "vol0") as vol:
+                await vol.submit(Bio.from_buffer(Op.WRITE, 0, byte * 4096, flags=BioFlags.FUA))
+        with trio.fail_after(10):
+            while not all("split_brain_suspected" in p.log_path.read_text() for p in (a, b)):
+                await trio.sleep(0.1)
+        for proc in (a, b):
+            doc = await fetch_status(proc.address, None)
+            assert doc["volumes"]["vol0"]["connection"] == "disconnected"
+            # everything is out of sync: the survivor will rewrite all of the other
+            assert doc["volumes"]["vol0"]["out_of_sync_bytes"] == 64 * MiB
+        assert (tmp_path / "a" / "vol0.img").read_bytes()[:4096] == b"A" * 4096
+        assert (tmp_path / "b" / "vol0.img").read_bytes()[:4096] == b"B" * 4096
+        # the operator keeps B: A restarts as its secondary and is rewritten from B entirely
+        a.stop()
+        a.argv[a.argv.index("--role") + 1] = "secondary"
+        a.start()
+        with trio.fail_after(60):
+            while True:
+                v = (await fetch_status(b.address, None))["volumes"]["vol0"]
+                if v["connection"] == "connected" and v["out_of_sync_bytes"] == 0:
+                    break
+                await trio.sleep(0.2)
+        assert same_files(tmp_path / "a" / "vol0.img", tmp_path / "b" / "vol0.img")
+    finally:
+        a.stop()
+        b.stop()
