@@ -11,7 +11,10 @@ import random
 import re
 import signal
 import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -21,12 +24,42 @@ from dst.block import Bio, BioFlags, Limits, MemoryStore, Op, Segment
 from dst.client import open_remote
 from dst.errors import BlockError
 from dst.net.endpoints import Address
+from dst.server import Server
 from tests.integration.harness import ServerProcess, free_port, pair_processes, running_server
 from tests.integration.nbdtools import run, text
 
 MiB = 1 << 20
 HOT = 8 * MiB
 VOLUME = (("vol0", 64 * MiB),)
+
+
+@asynccontextmanager
+async def running_pair(tmp_path: Path) -> AsyncIterator[tuple[Server, Server, Address, Address]]:
+    """An in-process replicated pair, its replication link up: (primary, secondary, their
+    addresses)."""
+    async with running_server(
+        tmp_path / "secondary", VOLUME, peer=Address("127.0.0.1", 1), role="secondary"
+    ) as secondary:
+        assert secondary.listen_address is not None
+        async with running_server(
+            tmp_path / "primary", VOLUME, peer=secondary.listen_address, role="primary"
+        ) as primary:
+            rep = primary.volumes["vol0"].replicated
+            assert rep is not None and primary.listen_address is not None
+            with trio.fail_after(10):
+                await rep.peer.wait_connected()
+            yield primary, secondary, primary.listen_address, secondary.listen_address
+
+
+async def wait_in_sync(address: Address, timeout_s: float = 60) -> Mapping[str, Any]:
+    """Poll `status` until the volume's replication link is up and nothing is out of sync."""
+    with trio.fail_after(timeout_s):
+        while True:
+            doc = await fetch_status(address, None)
+            v = doc["volumes"]["vol0"]
+            if v["connection"] == "connected" and v["out_of_sync_bytes"] == 0:
+                return doc
+            await trio.sleep(0.2)
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -161,99 +194,66 @@ async def test_secondary_killed_under_load_is_resynced_with_dirty_extents_only(
                 f"of a {64 * MiB} B volume"
             )
             assert counts["degraded"] > 0 and degraded_stats.degraded_writes > 0
-            # only dirty extents were copied: far less than the volume
-            assert (
-                0
-                < stats.resynced_bytes
-                <= degraded_stats.out_of_sync_bytes
-                + (stats.degraded_bytes - degraded_stats.degraded_bytes) * 16
-                + 64 * 1024
-            )
-            assert stats.resynced_bytes < 64 * MiB // 2
+            # only dirty extents were copied: never more than the region written while apart
+            assert 0 < stats.resynced_bytes <= HOT
+            assert degraded_stats.out_of_sync_bytes <= HOT
         assert same_files(tmp_path / "primary" / "vol0.img", tmp_path / "secondary" / "vol0.img")
     finally:
         sec.stop()
 
 
 async def test_dst_status_shows_roles_connection_and_out_of_sync(tmp_path: Path) -> None:
-    async with running_server(
-        tmp_path / "secondary", VOLUME, peer=Address("127.0.0.1", 1), role="secondary"
-    ) as secondary:
-        assert secondary.listen_address is not None
-        async with running_server(
-            tmp_path / "primary", VOLUME, peer=secondary.listen_address, role="primary"
-        ) as primary:
-            rep = primary.volumes["vol0"].replicated
-            assert rep is not None and primary.listen_address is not None
-            with trio.fail_after(10):
-                await rep.peer.wait_connected()
-            dst = [sys.executable, "-m", "dst", "status", "--server"]
-            out = await run([*dst, str(primary.listen_address), "--json"])
-            doc = json.loads(out.stdout)
-            assert doc["role"] == "primary"
-            vol = doc["volumes"]["vol0"]
-            assert (vol["connection"], vol["out_of_sync_bytes"]) == ("connected", 0)
-            out = await run([*dst, str(secondary.listen_address), "--json"])
-            doc = json.loads(out.stdout)
-            assert doc["role"] == "secondary" and doc["sessions"]["replica"] == 1
-            table = (await run([*dst, str(primary.listen_address)])).stdout.decode()
-            assert re.search(r"vol0\s+64\.0 MiB\s+connected\s+up-to-date\s+up-to-date", table)
+    async with running_pair(tmp_path) as (_, _, p_addr, s_addr):
+        dst = [sys.executable, "-m", "dst", "status", "--server"]
+        out = await run([*dst, str(p_addr), "--json"])
+        doc = json.loads(out.stdout)
+        assert doc["role"] == "primary"
+        vol = doc["volumes"]["vol0"]
+        assert (vol["connection"], vol["out_of_sync_bytes"]) == ("connected", 0)
+        out = await run([*dst, str(s_addr), "--json"])
+        doc = json.loads(out.stdout)
+        assert doc["role"] == "secondary" and doc["sessions"]["replica"] == 1
+        table = (await run([*dst, str(p_addr)])).stdout.decode()
+        assert re.search(r"vol0\s+64\.0 MiB\s+connected\s+up-to-date\s+up-to-date", table)
 
 
 async def test_clients_listing_both_servers_attach_where_the_volume_is_primary(
     tmp_path: Path,
 ) -> None:
-    async with running_server(
-        tmp_path / "secondary", VOLUME, peer=Address("127.0.0.1", 1), role="secondary"
-    ) as secondary:
-        assert secondary.listen_address is not None
-        async with running_server(
-            tmp_path / "primary", VOLUME, peer=secondary.listen_address, role="primary"
-        ) as primary:
-            assert primary.listen_address is not None
-            # the secondary first: it refuses (EROFS) and the client moves on to the primary
-            both = [secondary.listen_address, primary.listen_address]
-            async with open_remote(both, "vol0") as vol:
-                await vol.submit(Bio.from_buffer(Op.WRITE, 0, b"p" * 4096))
-            assert primary.sessions["client"] == 0 and primary.stats["write"] == 1
+    async with running_pair(tmp_path) as (primary, _, p_addr, s_addr):
+        # the secondary first: it refuses (EROFS) and the client moves on to the primary
+        both = [s_addr, p_addr]
+        async with open_remote(both, "vol0") as vol:
+            await vol.submit(Bio.from_buffer(Op.WRITE, 0, b"p" * 4096))
+        assert primary.sessions["client"] == 0 and primary.stats["write"] == 1
 
 
 async def test_dst_verify_finds_exactly_the_extent_that_differs(tmp_path: Path) -> None:
     rng = random.Random(4)
-    async with running_server(
-        tmp_path / "secondary", VOLUME, peer=Address("127.0.0.1", 1), role="secondary"
-    ) as secondary:
-        assert secondary.listen_address is not None
-        async with running_server(
-            tmp_path / "primary", VOLUME, peer=secondary.listen_address, role="primary"
-        ) as primary:
-            rep = primary.volumes["vol0"].replicated
-            assert rep is not None and primary.listen_address is not None
-            with trio.fail_after(10):
-                await rep.peer.wait_connected()
-            async with open_remote(primary.listen_address, "vol0") as vol:
-                await vol.submit(Bio.from_buffer(Op.WRITE, 0, rng.randbytes(8 * MiB)))
-                await vol.submit(Bio(Op.FLUSH, 0, 0))
-            cmd = [
-                sys.executable,
-                "-m",
-                "dst",
-                "verify",
-                "--server",
-                str(primary.listen_address),
-                "--volume",
-                "vol0",
-            ]
-            out = await run(cmd)
-            assert "1024 extents of 65536; 0 differ" in out.stdout.decode(), text(out)
-            # a bit rots on the secondary, behind dst's back
-            with open(tmp_path / "secondary" / "vol0.img", "r+b") as f:
-                f.seek(5 * MiB + 1000)
-                f.write(b"\xff")
-            out = await run(cmd, check=False)
-            assert out.returncode == 1, text(out)
-            assert "1 differ" in out.stdout.decode()
-            assert f"differs: offset {5 * MiB} length 65536" in out.stdout.decode()
+    async with running_pair(tmp_path) as (_, _, p_addr, _):
+        async with open_remote(p_addr, "vol0") as vol:
+            await vol.submit(Bio.from_buffer(Op.WRITE, 0, rng.randbytes(8 * MiB)))
+            await vol.submit(Bio(Op.FLUSH, 0, 0))
+        cmd = [
+            sys.executable,
+            "-m",
+            "dst",
+            "verify",
+            "--server",
+            str(p_addr),
+            "--volume",
+            "vol0",
+        ]
+        out = await run(cmd)
+        assert "1024 extents of 65536; 0 differ" in out.stdout.decode(), text(out)
+        # a bit rots on the secondary, behind dst's back
+        with open(tmp_path / "secondary" / "vol0.img", "r+b") as f:
+            f.seek(5 * MiB + 1000)
+            f.write(b"\xff")
+        out = await run(cmd, check=False)
+        assert out.returncode == 1, text(out)
+        assert "1 differ" in out.stdout.decode()
+        assert f"differs: offset {5 * MiB} length 65536" in out.stdout.decode()
 
 
 async def test_primary_killed_promote_secondary_then_old_primary_rejoins(tmp_path: Path) -> None:
@@ -323,13 +323,7 @@ async def test_primary_killed_promote_secondary_then_old_primary_rejoins(tmp_pat
         )
         try:
             old.start()
-            with trio.fail_after(60):
-                while True:
-                    doc = await fetch_status(secondary.address, None)
-                    v = doc["volumes"]["vol0"]
-                    if v["connection"] == "connected" and v["out_of_sync_bytes"] == 0:
-                        break
-                    await trio.sleep(0.2)
+            doc = await wait_in_sync(secondary.address)
             assert doc["role"] == "primary"
             assert same_files(primary.data_dir / "vol0.img", secondary.data_dir / "vol0.img")
         finally:
@@ -359,13 +353,7 @@ async def test_primary_crash_and_restart_resyncs_its_activity_log_extents(tmp_pa
                 await trio.to_thread.run_sync(primary.start)
                 await trio.sleep(0.5)
                 stop.set()
-        with trio.fail_after(60):
-            while True:
-                doc = await fetch_status(primary.address, None)
-                v = doc["volumes"]["vol0"]
-                if v["connection"] == "connected" and v["out_of_sync_bytes"] == 0:
-                    break
-                await trio.sleep(0.2)
+        v = (await wait_in_sync(primary.address))["volumes"]["vol0"]
         assert v["resync"]["total_bytes"] > 0
         log = primary.log_path.read_text()
         m = re.search(r"event=crash_recovery al_extents=(\d+) bytes=(\d+)", log)
@@ -418,12 +406,7 @@ async def test_two_primaries_refuse_to_replicate_into_each_other(tmp_path: Path)
         a.stop()
         a.argv[a.argv.index("--role") + 1] = "secondary"
         a.start()
-        with trio.fail_after(60):
-            while True:
-                v = (await fetch_status(b.address, None))["volumes"]["vol0"]
-                if v["connection"] == "connected" and v["out_of_sync_bytes"] == 0:
-                    break
-                await trio.sleep(0.2)
+        await wait_in_sync(b.address)
         assert same_files(tmp_path / "a" / "vol0.img", tmp_path / "b" / "vol0.img")
     finally:
         a.stop()
