@@ -151,10 +151,6 @@ class RemoteVolume:
         while self._link is None:
             await self._link_changed.wait()
 
-    async def wait_disconnected(self) -> None:
-        while self._link is not None:
-            await self._link_changed.wait()
-
     async def submit(self, bio: Bio) -> None:
         if self._closed:
             raise closed_error(f"volume {self.config.volume!r}")
@@ -165,7 +161,6 @@ class RemoteVolume:
         txn = Transaction(len(pieces))
         tid = next(self._ids)
         self.stats.transactions += 1
-        assert self._slots is not None
         for sub, piece in enumerate(pieces):
             await self._slots.acquire()
             cmd = Command(tid, sub, piece, txn)
@@ -231,10 +226,8 @@ class RemoteVolume:
             return
 
     def _down_message(self) -> str:
-        return (
-            f"server {self.config.address} unreachable after {self.config.max_retries} "
-            "connection attempts"
-        )
+        servers = ", ".join(str(a) for a in (self.config.address, *self.config.alternates))
+        return f"{servers} unreachable after {self.config.max_retries} connection attempts"
 
     # -- completion ------------------------------------------------------------------------
 

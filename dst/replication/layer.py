@@ -112,7 +112,7 @@ class Replicated:
             await self.local.submit(bio)
             return
         if bio.op is Op.FLUSH:
-            await self._both(bio, bio)
+            await self._both(bio)
             return
         pieces = split(bio, self._limits)
         async with trio.open_nursery() as nursery:
@@ -138,11 +138,11 @@ class Replicated:
     async def _write(self, piece: Bio) -> None:
         async with self._locked(piece.offset, piece.offset + piece.length):
             if self.al is None:
-                await self._both(piece, piece)
+                await self._both(piece)
                 return
             await self._al_begin(piece.offset, piece.length)
             try:
-                await self._both(piece, piece)
+                await self._both(piece)
             finally:
                 # Safe now: on both sides, or marked and flushed in the bitmap.
                 self.al.end(piece.offset, piece.length)
@@ -162,7 +162,7 @@ class Replicated:
         if must_commit:
             await trio.to_thread.run_sync(self.al.commit)
 
-    async def _both(self, local_bio: Bio, peer_bio: Bio) -> None:
+    async def _both(self, bio: Bio) -> None:
         """Run a bio on both sides; a peer failure degrades (bitmap), a local one fails."""
         peer_error: BlockError | None = None
         local_error: BlockError | None = None
@@ -170,14 +170,14 @@ class Replicated:
         async def on_peer() -> None:
             nonlocal peer_error
             try:
-                await self.peer.submit(peer_bio)
+                await self.peer.submit(bio)
             except BlockError as exc:
                 peer_error = exc
 
         async def on_local() -> None:
             nonlocal local_error
             try:
-                await self.local.submit(local_bio)
+                await self.local.submit(bio)
             except BlockError as exc:
                 local_error = exc
 
@@ -188,14 +188,14 @@ class Replicated:
             else:
                 peer_error = BlockError(errno.ENOTCONN, "peer not connected")
         if local_error is not None:
-            if peer_error is None and local_bio.op is not Op.FLUSH:
+            if peer_error is None and bio.op is not Op.FLUSH:
                 # The bio fails, but the peer may hold it and we may not: mark the range so a
                 # resync makes the replicas agree again (on our bytes).
-                if self.bitmap.mark(local_bio.offset, local_bio.length):
+                if self.bitmap.mark(bio.offset, bio.length):
                     await trio.to_thread.run_sync(self.bitmap.flush)
             raise local_error
-        if peer_error is not None and local_bio.op is not Op.FLUSH:
-            await self._degrade(local_bio, peer_error)
+        if peer_error is not None and bio.op is not Op.FLUSH:
+            await self._degrade(bio, peer_error)
 
     async def _degrade(self, bio: Bio, why: BlockError) -> None:
         """Record a write the peer did not get, durably, before it is acknowledged."""
