@@ -54,6 +54,9 @@ log = logging.getLogger("dst.replication")
 REPLICATION_BOUNDARY = 32 * 1024
 #: Default resync rate cap, bytes/s: leaves most of a gigabit link and disk to the workload.
 DEFAULT_RESYNC_RATE = 64 << 20
+#: Extents tracked as "completed by the peer, not yet flushed" before tracking gives up and a
+#: failed peer FLUSH marks the whole volume (65536 x 64 KiB = 4 GiB written without a FLUSH).
+UNFLUSHED_CAP = 65536
 #: Extent copies in flight during a resync.
 RESYNC_PARALLEL = 8
 #: Flush cleared bits to disk after this many resynced bytes (a lost clear costs a re-copy).
@@ -87,6 +90,10 @@ class Replicated:
         self.bitmap = bitmap
         self.al = activity_log
         self._al_freed = trio.Event()
+        # Extents the peer completed since its last successful FLUSH: in its page cache, not
+        # yet known stable.  If the peer's FLUSH fails they are marked out of sync.
+        self._unflushed: set[int] = set()
+        self._unflushed_overflow = False
         self.resync_rate = resync_rate
         self._limits = Limits(boundary=REPLICATION_BOUNDARY).stack(local.limits)
         self._writes: list[tuple[int, int, trio.Event]] = []
@@ -112,7 +119,7 @@ class Replicated:
             await self.local.submit(bio)
             return
         if bio.op is Op.FLUSH:
-            await self._both(bio)
+            await self._flush(bio)
             return
         pieces = split(bio, self._limits)
         async with trio.open_nursery() as nursery:
@@ -162,8 +169,9 @@ class Replicated:
         if must_commit:
             await trio.to_thread.run_sync(self.al.commit)
 
-    async def _both(self, bio: Bio) -> None:
-        """Run a bio on both sides; a peer failure degrades (bitmap), a local one fails."""
+    async def _both(self, bio: Bio) -> BlockError | None:
+        """Run a bio on both sides; a peer failure degrades (bitmap), a local one fails.
+        Returns the peer's error, if any (for FLUSH, which has no range to degrade)."""
         peer_error: BlockError | None = None
         local_error: BlockError | None = None
 
@@ -194,8 +202,47 @@ class Replicated:
                 if self.bitmap.mark(bio.offset, bio.length):
                     await trio.to_thread.run_sync(self.bitmap.flush)
             raise local_error
-        if peer_error is not None and bio.op is not Op.FLUSH:
+        if bio.op is Op.FLUSH:
+            return peer_error
+        if peer_error is not None:
             await self._degrade(bio, peer_error)
+        else:
+            self._note_unflushed(bio)
+        return peer_error
+
+    async def _flush(self, bio: Bio) -> None:
+        """FLUSH both sides.  Writes the peer completed before a FLUSH that then fails on the
+        peer may be lost to it by a power cut: they are marked out of sync, durably, before
+        the FLUSH is acknowledged."""
+        unflushed, overflow = self._unflushed, self._unflushed_overflow
+        self._unflushed, self._unflushed_overflow = set(), False
+        try:
+            peer_error = await self._both(bio)
+        except BlockError:
+            self._unflushed |= unflushed  # the FLUSH failed: nothing was made stable
+            self._unflushed_overflow |= overflow
+            raise
+        if peer_error is None or not (unflushed or overflow):
+            return
+        step = self.bitmap.extent_size
+        if overflow:
+            self.bitmap.mark_all()
+        for extent in unflushed:
+            self.bitmap.mark(extent * step, min(step, self.size - extent * step))
+        await trio.to_thread.run_sync(self.bitmap.flush)
+        log.warning(
+            "event=peer_flush_failed marked_extents=%d reason=%r",
+            len(unflushed) if not overflow else -1,
+            str(peer_error),
+        )
+
+    def _note_unflushed(self, bio: Bio) -> None:
+        if self._unflushed_overflow:
+            return
+        step = self.bitmap.extent_size
+        self._unflushed.update(range(bio.offset // step, (bio.offset + bio.length - 1) // step + 1))
+        if len(self._unflushed) > UNFLUSHED_CAP:
+            self._unflushed, self._unflushed_overflow = set(), True
 
     async def _degrade(self, bio: Bio, why: BlockError) -> None:
         """Record a write the peer did not get, durably, before it is acknowledged."""

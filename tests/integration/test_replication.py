@@ -411,3 +411,39 @@ async def test_two_primaries_refuse_to_replicate_into_each_other(tmp_path: Path)
     finally:
         a.stop()
         b.stop()
+
+
+class FlushFails:
+    """A layer whose FLUSH fails with EIO (a peer disk that cannot make data stable)."""
+
+    def __init__(self, below: Any) -> None:
+        self.below = below
+        self.limits, self.size = below.limits, below.size
+
+    async def submit(self, bio: Bio) -> None:
+        if bio.op is Op.FLUSH:
+            raise BlockError(errno.EIO, "flush failed (test)")
+        await self.below.submit(bio)
+
+    async def aclose(self) -> None:
+        await self.below.aclose()
+
+
+async def test_a_failed_peer_flush_marks_what_it_should_have_made_stable(tmp_path: Path) -> None:
+    """Writes the peer completed but never made stable are marked out of sync when its FLUSH
+    fails, before the FLUSH is acknowledged; they are resynced once the peer flushes again."""
+    async with running_pair(tmp_path) as (primary, secondary, p_addr, _):
+        rep = primary.volumes["vol0"].replicated
+        assert rep is not None
+        good = secondary.volumes["vol0"].layer
+        secondary.volumes["vol0"].layer = FlushFails(good)
+        async with open_remote(p_addr, "vol0") as vol:
+            for extent in (3, 10, 11):
+                await vol.submit(Bio.from_buffer(Op.WRITE, extent * 65536, b"u" * 4096))
+            await vol.submit(Bio(Op.FLUSH, 0, 0))  # stable here; the peer's flush failed
+            assert rep.bitmap.dirty_bytes == 3 * 65536
+            secondary.volumes["vol0"].layer = good
+            with trio.fail_after(20):
+                while rep.statistics().out_of_sync_bytes:
+                    await trio.sleep(0.05)
+        assert same_files(tmp_path / "primary" / "vol0.img", tmp_path / "secondary" / "vol0.img")
