@@ -16,4 +16,5 @@ lint:
 	python3 -m mypy
 
 bench: setup
-	python3 -m bench.run
+	python3 -m bench.remote
+	python3 -m bench.nbd_compare
