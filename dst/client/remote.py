@@ -317,10 +317,15 @@ class RemoteVolume:
                 if self._closed:
                     return
             try:
+                first_ever = self._slots is None
                 link = await self._connect()
                 self._adopt(link)
+                servers = [self.config.address, *self.config.alternates]
                 log.info(
-                    "volume=%s server=%s event=reconnected", self.config.volume, self.config.address
+                    "volume=%s server=%s event=%s",
+                    self.config.volume,
+                    servers[self._server_index],
+                    "connected" if first_ever else "reconnected",
                 )
             except CONNECT_ERRORS as exc:
                 failures += 1
