@@ -32,7 +32,7 @@ from dst.nbd.handshake import NeedData, OptionAnswered, Ready, ServerHandshake, 
 from dst.nbd.protocol import Command, CommandFlags, ExportInfo, Reply, check_exports, export_info
 from dst.nbd.transmission import Request, Session
 from dst.net.endpoints import Address, is_loopback
-from dst.net.framed import describe
+from dst.net.stream import ByteStream, describe
 from dst.security.tls import TlsConfig, require_peer_role, server_context
 
 __all__ = ["NbdExport", "serve_nbd"]
@@ -53,10 +53,8 @@ MAX_INFLIGHT = 64
 MAX_CONNECTION_BYTES = 2 * p.MAX_REQUEST_BYTES
 #: The same for all connections of one serve_nbd together: the bridge's memory bound.
 MAX_BRIDGE_BYTES = 8 * p.MAX_REQUEST_BYTES
-#: One receive during the handshake, and the request header buffer.
+#: One receive during the handshake.
 RECV_BYTES = 64 * 1024
-#: Scratch for skipping a refused WRITE's payload.
-SKIP_CHUNK_BYTES = 256 * 1024
 #: Certificate roles that may use the bridge over TLS: NBD clients are block-device users.
 NBD_CLIENT_ROLES = frozenset({"client"})
 #: Option answers logged at WARNING (a refused or misbehaving client): every error reply but
@@ -110,76 +108,27 @@ class _Budget:
             event.set()
 
 
-class _Wire:
-    """One connection's transmission bytes, starting with any the client ``pipelined`` behind
-    its last option: buffered request headers, payloads straight into the caller's buffer,
-    replies as one ``sendmsg`` (TLS has neither: one copy each way)."""
-
-    def __init__(self, stream: trio.abc.Stream, pipelined: bytes) -> None:
-        self.stream = stream
-        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
-        self._view = memoryview(bytearray(max(RECV_BYTES, len(pipelined))))
-        self._view[: len(pipelined)] = pipelined
-        self._start, self._end = 0, len(pipelined)
-        self._send_lock = trio.Lock()
-
-    async def _recv_into(self, view: memoryview) -> int:
-        try:
-            if self._sock is not None:
-                return await self._sock.recv_into(view)
-            chunk = await self.stream.receive_some(len(view))
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
-        view[: len(chunk)] = chunk
-        return len(chunk)
+class _Wire(ByteStream):
+    """One connection's transmission bytes (starting with any the client pipelined behind its
+    last option): request headers from the buffer, payloads straight into the bio's buffer,
+    replies as one ``sendmsg``, each transfer bounded by STALL_TIMEOUT_S."""
 
     async def read_header(self) -> Request | None:
         """The next request, or None at a clean end of stream."""
-        size = p.REQUEST.size
-        while self._end - self._start < size:
-            have = self._end - self._start
-            self._view[:have] = self._view[self._start : self._end]
-            self._start, self._end = 0, have
-            n = await self._recv_into(self._view[have:])
-            if n == 0:
-                if not have:
-                    return None
-                raise RemoteProtocolError("peer closed in the middle of a request header")
-            self._end += n
-        self._start += size
-        return tx.parse_request(self._view[self._start - size : self._start])
+        raw = await self.read_first(p.REQUEST.size, "request header")
+        return None if raw is None else tx.parse_request(raw)
 
-    async def read_into(self, view: memoryview) -> None:
-        got = min(len(view), self._end - self._start)
-        view[:got] = self._view[self._start : self._start + got]
-        self._start += got
+    async def read_payload(self, view: memoryview) -> None:
         with _stall("WRITE payload not sent"):
-            while got < len(view):
-                n = await self._recv_into(view[got:])
-                if n == 0:
-                    raise RemoteProtocolError("peer closed in the middle of a WRITE payload")
-                got += n
+            await self.read_into([view], "a WRITE payload")
 
-    async def skip(self, length: int) -> None:
-        scratch = memoryview(bytearray(min(length, SKIP_CHUNK_BYTES)))
-        for start in range(0, length, len(scratch) or 1):
-            await self.read_into(scratch[: length - start])
+    async def skip_payload(self, length: int) -> None:
+        with _stall("WRITE payload not sent"):
+            await self.skip(length, "a WRITE payload")
 
-    async def send(self, *parts: bytes | memoryview) -> None:
-        bufs = [memoryview(part) for part in parts if len(part)]
-        async with self._send_lock:
-            with _stall("reply not read"):
-                try:
-                    for buf in bufs if self._sock is None else ():
-                        await self.stream.send_all(buf)
-                    while bufs and self._sock is not None:
-                        sent = await self._sock.sendmsg(bufs)
-                        while bufs and sent >= len(bufs[0]):
-                            sent -= len(bufs.pop(0))
-                        if sent:
-                            bufs[0] = bufs[0][sent:]
-                except OSError as exc:
-                    raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+    async def send_reply(self, *parts: bytes | memoryview) -> None:
+        with _stall("reply not read"):
+            await self.send_parts([part for part in parts if len(part)])
 
 
 @contextmanager
@@ -273,7 +222,7 @@ class _Connection:
         self._structured, self._layer = sr, self.bridge.layers[ready.export.name]
         self._log(logging.INFO, "ready", f" flags=0x{ready.flags:x} sr={sr}")
         session = Session.for_export(ready.export, flags=ready.flags, structured_replies=sr)
-        self.wire = _Wire(self.stream, trailing)
+        self.wire = _Wire(self.stream, initial=trailing)
         async with trio.open_nursery() as tasks:
             try:
                 reason: str | Exception = await self._read(tasks, session)
@@ -297,7 +246,7 @@ class _Connection:
             if refused is not None:
                 self.refused += 1
                 self._log(logging.WARNING, "bad_request", f" {req.describe()} reason={refused}")
-                await self.wire.skip(req.payload_length)
+                await self.wire.skip_payload(req.payload_length)
                 await self._reply_error(req, refused)
                 continue
             cost = tx.budget_bytes(req)
@@ -307,7 +256,7 @@ class _Connection:
             buf = bytearray(req.length) if req.command in (Command.READ, Command.WRITE) else None
             try:
                 if buf is not None and req.command == Command.WRITE:
-                    await self.wire.read_into(memoryview(buf))
+                    await self.wire.read_payload(memoryview(buf))
             except BaseException:
                 self._release(cost)  # the bridge-wide budget outlives this connection
                 raise
@@ -362,7 +311,7 @@ class _Connection:
 
     async def _reply(self, *parts: bytes | memoryview) -> None:
         try:
-            await self.wire.send(*parts)
+            await self.wire.send_reply(*parts)
         except _TRANSPORT_ERRORS as exc:  # gone or stalled: drop it, and the reader ends too
             if not self.broken:
                 self.broken = describe(exc)
