@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from dst.client.link import SETUP_TIMEOUT_S, expect, handshake
+from dst.client.link import SETUP_TIMEOUT_S, handshake, request
 from dst.errors import BlockError, ConfigError, ProtocolError
 from dst.net.endpoints import Address, connect
 from dst.net.framed import FramedStream
@@ -30,34 +31,34 @@ from dst.wire import (
 )
 
 
-async def fetch_status(address: Address, tls: TlsConfig | None) -> Mapping[str, Any]:
+@asynccontextmanager
+async def _session(
+    address: Address, tls: TlsConfig | None, purpose: str, *, role: str = "client"
+) -> AsyncIterator[tuple[FramedStream, Connection]]:
+    """A short admin connection: connected, Hello answered, closed on exit."""
     framed, _ = await connect(address, tls)
     try:
+        node = f"{socket.gethostname()}:{os.getpid()}/{purpose}"
         with trio.fail_after(SETUP_TIMEOUT_S):
-            node = f"{socket.gethostname()}:{os.getpid()}/status"
-            conn, _ = await handshake(framed, role="client", node_id=node, page_size=4096)
-            request = StatusRequest(tid=1)
-            conn.send(request)
-            await framed.send(encode_frame(request))
-            reply = await expect(framed, conn, StatusReply)
+            conn, _ = await handshake(framed, role=role, node_id=node, page_size=4096)
+        yield framed, conn
     finally:
         await trio.aclose_forcefully(framed.stream)
+
+
+async def fetch_status(address: Address, tls: TlsConfig | None) -> Mapping[str, Any]:
+    async with _session(address, tls, "status") as (framed, conn):
+        with trio.fail_after(SETUP_TIMEOUT_S):
+            reply = await request(framed, conn, StatusRequest(tid=1), StatusReply)
     return reply.status
 
 
 async def promote(address: Address, volume: str, tls: TlsConfig | None, *, force: bool) -> None:
     """Ask a secondary to become the primary of ``volume``; BlockError if it refuses."""
-    framed, _ = await connect(address, tls)
-    try:
+    async with _session(address, tls, "promote") as (framed, conn):
         with trio.fail_after(SETUP_TIMEOUT_S):
-            node = f"{socket.gethostname()}:{os.getpid()}/promote"
-            conn, _ = await handshake(framed, role="client", node_id=node, page_size=4096)
-            request = PromoteRequest(tid=1, volume=volume, force=force)
-            conn.send(request)
-            await framed.send(encode_frame(request))
-            reply = await expect(framed, conn, Reply)
-    finally:
-        await trio.aclose_forcefully(framed.stream)
+            msg = PromoteRequest(tid=1, volume=volume, force=force)
+            reply = await request(framed, conn, msg, Reply)
     if reply.errno:
         raise BlockError(reply.errno, reply.message)
 
@@ -113,28 +114,23 @@ class VerifyResult:
 
 
 class _ChecksumPeer:
-    """One admin link to a server, attached to a volume, asking for extent checksums."""
+    """An admin session attached to a volume, asking for extent checksums."""
 
-    def __init__(self, framed: FramedStream, conn: Connection, handle: int, size: int) -> None:
-        self.framed, self.conn, self.handle, self.size = framed, conn, handle, size
+    def __init__(self, framed: FramedStream, conn: Connection, attached: Attached) -> None:
+        self.framed, self.conn = framed, conn
+        self.handle, self.size = attached.handle, attached.size
         self._tid = 1
 
     @classmethod
-    async def open(cls, address: Address, volume: str, tls: TlsConfig | None) -> _ChecksumPeer:
-        framed, _ = await connect(address, tls)
-        try:
+    @asynccontextmanager
+    async def open(
+        cls, address: Address, volume: str, tls: TlsConfig | None
+    ) -> AsyncIterator[_ChecksumPeer]:
+        # Checksums are a replica-level read: a secondary refuses every other role.
+        async with _session(address, tls, "verify", role="replica") as (framed, conn):
             with trio.fail_after(SETUP_TIMEOUT_S):
-                node = f"{socket.gethostname()}:{os.getpid()}/verify"
-                # Checksums are a replica-level read: a secondary refuses every other role.
-                conn, _ = await handshake(framed, role="replica", node_id=node, page_size=4096)
-                attach = Attach(tid=1, volume=volume, epoch=0)
-                conn.send(attach)
-                await framed.send(encode_frame(attach))
-                attached = await expect(framed, conn, Attached)
-        except BaseException:
-            await trio.aclose_forcefully(framed.stream)
-            raise
-        return cls(framed, conn, attached.handle, attached.size)
+                attached = await request(framed, conn, Attach(tid=1, volume=volume), Attached)
+            yield cls(framed, conn, attached)
 
     async def checksums(self, offset: int, length: int, extent: int) -> tuple[int, ...]:
         self._tid += 1
@@ -156,9 +152,6 @@ class _ChecksumPeer:
             raise BlockError(reply.errno, reply.message)
         return unpack_checksums(data)
 
-    async def aclose(self) -> None:
-        await trio.aclose_forcefully(self.framed.stream)
-
 
 async def verify(
     primary: Address,
@@ -177,36 +170,30 @@ async def verify(
     from dst.net.endpoints import parse_address
 
     secondary = parse_address(str(status["peer"]))
-    a = await _ChecksumPeer.open(primary, volume, tls)
-    try:
-        b = await _ChecksumPeer.open(secondary, volume, tls)
-        try:
-            if a.size != b.size:
-                raise ConfigError(f"replica sizes differ: {a.size} and {b.size}")
-            step = extent * VERIFY_EXTENTS_PER_REQUEST
-            suspects: list[int] = []
-            for offset in range(0, a.size, step):
-                length = min(step, a.size - offset)
-                ours, theirs = (
-                    await a.checksums(offset, length, extent),
-                    await b.checksums(offset, length, extent),
-                )
-                suspects += [
-                    offset + i * extent
-                    for i, (x, y) in enumerate(zip(ours, theirs, strict=True))
-                    if x != y
-                ]
-                if progress is not None:
-                    progress(offset + length, a.size)
-            differing = []
-            for offset in suspects:  # second look: was it only a write in flight?
-                length = min(extent, a.size - offset)
-                if await a.checksums(offset, length, extent) != await b.checksums(
-                    offset, length, extent
-                ):
-                    differing.append((offset, length))
-        finally:
-            await b.aclose()
-    finally:
-        await a.aclose()
+    async with (
+        _ChecksumPeer.open(primary, volume, tls) as a,
+        _ChecksumPeer.open(secondary, volume, tls) as b,
+    ):
+        if a.size != b.size:
+            raise ConfigError(f"replica sizes differ: {a.size} and {b.size}")
+        step = extent * VERIFY_EXTENTS_PER_REQUEST
+        suspects: list[int] = []
+        for offset in range(0, a.size, step):
+            length = min(step, a.size - offset)
+            ours = await a.checksums(offset, length, extent)
+            theirs = await b.checksums(offset, length, extent)
+            suspects += [
+                offset + i * extent
+                for i, (x, y) in enumerate(zip(ours, theirs, strict=True))
+                if x != y
+            ]
+            if progress is not None:
+                progress(offset + length, a.size)
+        differing = []
+        for offset in suspects:  # second look: was it only a write in flight?
+            length = min(extent, a.size - offset)
+            if await a.checksums(offset, length, extent) != await b.checksums(
+                offset, length, extent
+            ):
+                differing.append((offset, length))
     return VerifyResult(a.size, extent, tuple(differing))

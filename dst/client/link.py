@@ -166,10 +166,7 @@ async def open_link(
     try:
         with trio.fail_after(SETUP_TIMEOUT_S):
             conn, welcome = await handshake(framed, role=role, node_id=node_id, page_size=page_size)
-            attach = Attach(tid=tid, volume=volume, epoch=0)
-            conn.send(attach)
-            await framed.send(encode_frame(attach))
-            attached = await expect(framed, conn, Attached)
+            attached = await request(framed, conn, Attach(tid=tid, volume=volume), Attached)
     except BaseException:
         await trio.aclose_forcefully(framed.stream)
         raise
@@ -190,9 +187,15 @@ async def handshake(
         features=FEATURES,
         max_inflight=0,
     )
-    conn.send(hello)
-    await framed.send(encode_frame(hello))
-    return conn, await expect(framed, conn, Welcome)
+    return conn, await request(framed, conn, hello, Welcome)
+
+
+async def request(framed: FramedStream, conn: Connection, msg: Message, kind: type[T]) -> T:
+    """Send ``msg`` and return the answer, which must be a ``kind`` (see ``expect``); for the
+    one-at-a-time exchanges of setup and administration, not the pipelined data path."""
+    conn.send(msg)
+    await framed.send(encode_frame(msg))
+    return await expect(framed, conn, kind)
 
 
 async def expect(framed: FramedStream, conn: Connection, kind: type[T]) -> T:
