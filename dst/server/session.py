@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import crc32c
 import trio
@@ -200,15 +201,17 @@ class Session:
                     msg.errno,
                     msg.message,
                 )
-                nursery.start_soon(self._answer, msg.tid, msg.sub, msg.errno, msg.message)
+                nursery.start_soon(
+                    self._in_slot, self._answer, msg.tid, msg.sub, msg.errno, msg.message
+                )
             elif isinstance(msg, Attach):
-                nursery.start_soon(self._attach, msg)
+                nursery.start_soon(self._in_slot, self._attach, msg)
             elif isinstance(msg, StatusRequest):
-                nursery.start_soon(self._status, msg)
+                nursery.start_soon(self._in_slot, self._status, msg)
             elif isinstance(msg, ChecksumRequest):
-                nursery.start_soon(self._checksum, msg)
+                nursery.start_soon(self._in_slot, self._checksum, msg)
             elif isinstance(msg, PromoteRequest):
-                nursery.start_soon(self._promote, msg)
+                nursery.start_soon(self._in_slot, self._promote, msg)
             elif isinstance(msg, DataRequest):
                 pages: Pages | None = None
                 if isinstance(msg, WriteRequest):
@@ -223,10 +226,12 @@ class Session:
                     max_bytes = self.server.limits.max_bytes
                     if msg.length > max_bytes:
                         text = f"read length {msg.length} exceeds max_bytes {max_bytes}"
-                        nursery.start_soon(self._answer, msg.tid, msg.sub, errno.E2BIG, text)
+                        nursery.start_soon(
+                            self._in_slot, self._answer, msg.tid, msg.sub, errno.E2BIG, text
+                        )
                         continue
                     pages = await self.server.pool.acquire(msg.length)
-                nursery.start_soon(self._run_request, msg, pages)
+                nursery.start_soon(self._in_slot, self._run_request, msg, pages)
             elif isinstance(msg, Goodbye):
                 self.slots.release()
                 log.info(
@@ -238,11 +243,15 @@ class Session:
                 self.slots.release()
                 await self.framed.skip_data(prefix.data_len)
 
-    async def _answer(self, tid: int, sub: int, code: int, text: str) -> None:
+    async def _in_slot(self, handler: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run a request's handler and give its in-flight slot back, however it ends."""
         try:
-            await self._reply(Reply(tid=tid, sub=sub, errno=code, message=text))
+            await handler(*args)
         finally:
             self.slots.release()
+
+    async def _answer(self, tid: int, sub: int, code: int, text: str) -> None:
+        await self._reply(Reply(tid=tid, sub=sub, errno=code, message=text))
 
     async def _reply(self, reply: Message, data: list[memoryview] | None = None) -> None:
         try:
@@ -252,46 +261,35 @@ class Session:
             pass
 
     async def _status(self, msg: StatusRequest) -> None:
-        try:
-            await self._reply(StatusReply(tid=msg.tid, status=status_document(self.server)))
-        finally:
-            self.slots.release()
+        await self._reply(StatusReply(tid=msg.tid, status=status_document(self.server)))
 
     async def _promote(self, msg: PromoteRequest) -> None:
         try:
-            try:
-                await self.server.promote(msg.volume, force=msg.force)
-            except BlockError as exc:
-                await self._reply(Reply(tid=msg.tid, sub=0, errno=exc.errno, message=str(exc)))
-                return
-            await self._reply(Reply(tid=msg.tid, sub=0, errno=0, message=""))
-        finally:
-            self.slots.release()
+            await self.server.promote(msg.volume, force=msg.force)
+        except BlockError as exc:
+            await self._reply(Reply(tid=msg.tid, sub=0, errno=exc.errno, message=str(exc)))
+            return
+        await self._reply(Reply(tid=msg.tid, sub=0, errno=0, message=""))
 
     async def _checksum(self, msg: ChecksumRequest) -> None:
         """crc32c of each ``extent`` of the range, read locally a chunk at a time: what
         ``dst verify`` compares across replicas without moving the data."""
+        volume = self.handles.get(msg.handle)
         try:
-            volume = self.handles.get(msg.handle)
-            try:
-                if volume is None:
-                    raise BlockError(errno.EBADF, f"handle {msg.handle} is not attached")
-                if msg.offset % 512 or msg.offset + msg.length > volume.size:
-                    raise BlockError(
-                        errno.EINVAL,
-                        f"checksum range offset={msg.offset} length={msg.length} is misaligned "
-                        f"or past the end (size {volume.size})",
-                    )
-                crcs = await self._extent_crcs(volume, msg.offset, msg.length, msg.extent)
-            except BlockError as exc:
-                await self._reply(
-                    Reply(tid=msg.tid, sub=msg.sub, errno=exc.errno, message=str(exc))
+            if volume is None:
+                raise BlockError(errno.EBADF, f"handle {msg.handle} is not attached")
+            if msg.offset % 512 or msg.offset + msg.length > volume.size:
+                raise BlockError(
+                    errno.EINVAL,
+                    f"checksum range offset={msg.offset} length={msg.length} is misaligned "
+                    f"or past the end (size {volume.size})",
                 )
-                return
-            data = [memoryview(pack_checksums(crcs))]
-            await self._reply(Reply(tid=msg.tid, sub=msg.sub, errno=0, message=""), data)
-        finally:
-            self.slots.release()
+            crcs = await self._extent_crcs(volume, msg.offset, msg.length, msg.extent)
+        except BlockError as exc:
+            await self._reply(Reply(tid=msg.tid, sub=msg.sub, errno=exc.errno, message=str(exc)))
+            return
+        data = [memoryview(pack_checksums(crcs))]
+        await self._reply(Reply(tid=msg.tid, sub=msg.sub, errno=0, message=""), data)
 
     async def _extent_crcs(
         self, volume: Volume, offset: int, length: int, extent: int
@@ -321,74 +319,67 @@ class Session:
             pages.release()
 
     async def _attach(self, msg: Attach) -> None:
-        try:
-            volume = self.server.volumes.get(msg.volume)
-            if volume is None:
-                await self._reply(
-                    Reply(
-                        tid=msg.tid,
-                        sub=0,
-                        errno=errno.ENOENT,
-                        message=f"volume {msg.volume!r} does not exist on this server",
-                    )
-                )
-                return
-            if (
-                volume.replicated is None
-                and self.server.role == "secondary"
-                and self.role != "replica"
-            ):
-                await self._reply(
-                    Reply(
-                        tid=msg.tid,
-                        sub=0,
-                        errno=errno.EROFS,
-                        message=f"volume {msg.volume!r} is secondary on this server; "
-                        "only its primary writes to it",
-                    )
-                )
-                return
-            if volume.replicated is not None and self.node.endswith(REPLICATION_NODE_SUFFIX):
-                # Another server wants to replicate into a volume that is primary here: two
-                # primaries, both taking writes. Never let one overwrite the other silently.
-                # Whichever side the operator keeps must later rewrite all of the other: its
-                # own bitmap does not know what the other primary wrote.
-                bitmap = volume.replicated.bitmap
-                bitmap.mark_all()
-                await trio.to_thread.run_sync(bitmap.flush)
-                log.error(
-                    "peer=%s node=%s volume=%s event=split_brain_suspected "
-                    "reason='both servers are primary'",
-                    self.peer,
-                    self.node,
-                    volume.name,
-                )
-                await self._reply(
-                    Reply(
-                        tid=msg.tid,
-                        sub=0,
-                        errno=errno.EBUSY,
-                        message=f"volume {msg.volume!r} is primary on this server too "
-                        "(split brain?): restart one side with --role secondary",
-                    )
-                )
-                return
-            handle = next((h for h, v in self.handles.items() if v is volume), None)
-            if handle is None:
-                handle = len(self.handles) + 1
-                self.handles[handle] = volume
+        volume = self.server.volumes.get(msg.volume)
+        if volume is None:
             await self._reply(
-                Attached(
+                Reply(
                     tid=msg.tid,
-                    handle=handle,
-                    size=volume.size,
-                    epoch=volume.epoch,
-                    limits=limits_to_wire(volume.limits),
+                    sub=0,
+                    errno=errno.ENOENT,
+                    message=f"volume {msg.volume!r} does not exist on this server",
                 )
             )
-            log.info("peer=%s node=%s volume=%s event=attached", self.peer, self.node, volume.name)
-        finally:
-            self.slots.release()
+            return
+        if volume.replicated is None and self.server.role == "secondary" and self.role != "replica":
+            await self._reply(
+                Reply(
+                    tid=msg.tid,
+                    sub=0,
+                    errno=errno.EROFS,
+                    message=f"volume {msg.volume!r} is secondary on this server; "
+                    "only its primary writes to it",
+                )
+            )
+            return
+        if volume.replicated is not None and self.node.endswith(REPLICATION_NODE_SUFFIX):
+            # Another server wants to replicate into a volume that is primary here: two
+            # primaries, both taking writes. Never let one overwrite the other silently.
+            # Whichever side the operator keeps must later rewrite all of the other: its
+            # own bitmap does not know what the other primary wrote.
+            bitmap = volume.replicated.bitmap
+            bitmap.mark_all()
+            await trio.to_thread.run_sync(bitmap.flush)
+            log.error(
+                "peer=%s node=%s volume=%s event=split_brain_suspected "
+                "reason='both servers are primary'",
+                self.peer,
+                self.node,
+                volume.name,
+            )
+            await self._reply(
+                Reply(
+                    tid=msg.tid,
+                    sub=0,
+                    errno=errno.EBUSY,
+                    message=f"volume {msg.volume!r} is primary on this server too "
+                    "(split brain?): restart one side with --role secondary",
+                )
+            )
+            return
+        handle = next((h for h, v in self.handles.items() if v is volume), None)
+        if handle is None:
+            handle = len(self.handles) + 1
+            self.handles[handle] = volume
+        await self._reply(
+            Attached(
+                tid=msg.tid,
+                handle=handle,
+                size=volume.size,
+                epoch=volume.epoch,
+                limits=limits_to_wire(volume.limits),
+            )
+        )
+        log.info("peer=%s node=%s volume=%s event=attached", self.peer, self.node, volume.name)
 
     async def _run_request(self, msg: DataRequest, pages: Pages | None) -> None:
         stats = self.server.stats
@@ -420,7 +411,6 @@ class Session:
         finally:
             if pages is not None:
                 pages.release()
-            self.slots.release()
 
 
 def data_crc_continue(crc: int, views: list[memoryview]) -> int:
