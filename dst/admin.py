@@ -1,4 +1,5 @@
-"""Operator commands that talk to servers: ``dst status``, ``dst promote``, ``dst verify``.
+"""Operator commands that talk to servers: ``dst status``, ``dst promote``, ``dst resolve``,
+``dst verify``.
 Each opens short admin connections of its own, asks, and closes."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dst.wire import (
     Reply,
     StatusReply,
     StatusRequest,
+    SyncRequest,
     encode_frame,
     unpack_checksums,
 )
@@ -63,6 +65,16 @@ async def promote(address: Address, volume: str, tls: TlsConfig | None, *, force
         raise BlockError(reply.errno, reply.message)
 
 
+async def resolve(address: Address, volume: str, tls: TlsConfig | None) -> Mapping[str, Any]:
+    """Name the server at ``address`` (a primary) the survivor of a split brain on ``volume``;
+    its state in answer.  BlockError if it refuses."""
+    async with _session(address, tls, "resolve") as (framed, conn):
+        with trio.fail_after(SETUP_TIMEOUT_S):
+            msg = SyncRequest(tid=1, volume=volume, action="resolve", state={})
+            reply = await request(framed, conn, msg, StatusReply)
+    return reply.status
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -97,6 +109,8 @@ def render_status(doc: Mapping[str, Any]) -> str:
             f"{v.get('disk', 'up-to-date'):<12}{v.get('peer_disk', '-'):<11}"
             f"{(_size(oos) if oos is not None else '-'):>12}  {progress}"
         )
+        if v.get("split_brain"):
+            lines.append(f"  {name}: {v.get('handshake')}")
     return "\n".join(lines)
 
 

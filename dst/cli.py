@@ -147,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", metavar="DIR", type=Path, help="node directory from `dst certs issue`")
 
     p = sub.add_parser(
+        "resolve",
+        help="end a split brain: this primary's copy survives, the peer's is overwritten",
+        parents=[common],
+        description="After `dst status` reports split-brain: names the server given (which "
+        "must be primary; promote it first if needed, and restart the other side with "
+        "--role secondary) the survivor. Its next handshake resyncs the peer from it; the "
+        "writes only the peer had since the split are discarded.",
+    )
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the survivor")
+    p.add_argument("--volume", required=True, metavar="NAME")
+    p.add_argument("--tls", metavar="DIR", type=Path, help="node directory from `dst certs issue`")
+
+    p = sub.add_parser(
         "verify",
         help="compare a volume's replicas extent by extent (checksums only)",
         parents=[common],
@@ -277,6 +290,18 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resolve(args: argparse.Namespace) -> int:
+    from dst.admin import resolve
+
+    tls = TlsConfig.load(args.tls) if args.tls else None
+    trio.run(resolve, parse_address(args.server), args.volume, tls)
+    print(
+        f"dst resolve: {args.volume} on {args.server} survives; its peer is resynced from it "
+        "at the next connection (watch `dst status`)"
+    )
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from dst.admin import verify
 
@@ -346,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_verify(args)
         if args.command == "promote":
             return cmd_promote(args)
+        if args.command == "resolve":
+            return cmd_resolve(args)
     except (ConfigError, DstError, OSError) as exc:
         return _fail(args.command, exc)
     except BaseExceptionGroup as group:

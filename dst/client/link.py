@@ -33,6 +33,8 @@ from dst.wire import (
     Ping,
     Pong,
     Reply,
+    StatusReply,
+    SyncRequest,
     Welcome,
     check_data,
     encode_frame,
@@ -75,6 +77,8 @@ class Link:
         self.generation = generation
         self.owner = owner
         self.reason = ""
+        # Administration calls on this link (SyncRequest): tid -> [done, answer].
+        self._calls: dict[int, tuple[trio.Event, list[Message]]] = {}
         self._broken = trio.Event()
         self._last_rx = trio.current_time()
         self._ping_token = 0
@@ -83,6 +87,26 @@ class Link:
         if not self._broken.is_set():
             self.reason = reason
             self._broken.set()
+            for done, _ in self._calls.values():
+                done.set()
+
+    async def call(self, msg: SyncRequest) -> StatusReply:
+        """Send an administration request on this live link and wait for its StatusReply;
+        an error Reply raises BlockError, a broken link LinkBroken."""
+        done, answer = trio.Event(), list[Message]()
+        self._calls[msg.tid] = (done, answer)
+        try:
+            await self.send(msg)
+            await done.wait()
+        finally:
+            del self._calls[msg.tid]
+        if not answer:
+            raise LinkBroken(self.reason)
+        reply = answer[0]
+        if isinstance(reply, Reply):
+            raise BlockError(reply.errno or errno.EIO, reply.message)
+        assert isinstance(reply, StatusReply)
+        return reply
 
     async def wait_broken(self) -> None:
         await self._broken.wait()
@@ -113,7 +137,12 @@ class Link:
                 self.broken(f"server said goodbye: {raw.message} (errno {raw.errno})")
                 return
             msg = self.conn.receive(prefix, raw)
-            if isinstance(msg, Reply):
+            call = self._calls.get(msg.tid) if isinstance(msg, Reply | StatusReply) else None
+            if call is not None:
+                await self.framed.skip_data(prefix.data_len)
+                call[1].append(msg)
+                call[0].set()
+            elif isinstance(msg, Reply):
                 cmd = self.owner.on_reply(msg)
                 if cmd is None:  # answered already (e.g. duplicate after resend)
                     await self.framed.skip_data(prefix.data_len)

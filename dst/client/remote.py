@@ -22,7 +22,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -132,6 +132,9 @@ class RemoteVolume:
         self._slots: trio.Semaphore | None = None
         self._closed = False
         self.stats = RemoteStatistics()
+        #: Run on each new link before it carries a request (the replication handshake);
+        #: raising BlockError refuses the link, which is retried like a failed connect.
+        self.on_link: Callable[[Link], Awaitable[None]] | None = None
 
     # -- the block layer interface --------------------------------------------------------
 
@@ -146,6 +149,14 @@ class RemoteVolume:
     @property
     def connected(self) -> bool:
         return self._link is not None
+
+    @property
+    def link(self) -> Link | None:
+        return self._link
+
+    def new_tid(self) -> int:
+        """A transaction id no other request on this volume's links uses."""
+        return next(self._ids)
 
     async def wait_connected(self) -> None:
         while self._link is None:
@@ -309,13 +320,18 @@ class RemoteVolume:
         failures = 0
         while True:
             if link is not None:
-                failures = 0
-                self._giving_up = False
-                await self._run_link(link)
-                self.stats.reconnects += 1
+                refusal = await self._run_link(link)
                 link = None
                 if self._closed:
                     return
+                if refusal is None:
+                    failures = 0
+                    self._giving_up = False
+                    self.stats.reconnects += 1
+                else:
+                    failures += 1
+                    await trio.sleep(min(1.0, 0.05 * 2 ** min(failures, 5)))
+                    continue
             try:
                 first_ever = self._slots is None
                 link = await self._connect()
@@ -346,21 +362,30 @@ class RemoteVolume:
                     self._link_changed = trio.Event()
                 await trio.sleep(min(1.0, 0.05 * 2 ** min(failures, 5)))
 
-    async def _run_link(self, link: Link) -> None:
+    async def _run_link(self, link: Link) -> str | None:
+        """Run ``link`` until it breaks; the reason ``on_link`` refused it, or None."""
+        refusal: str | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(link.run_reader)
                 nursery.start_soon(
                     link.run_keepalive, self.config.keepalive_s, self.config.dead_after_s
                 )
-                self._set_link(link)
-                # Resend what the last link left unanswered, oldest first.
-                for key in sorted(self._pending):
-                    cmd = self._pending[key]
-                    if cmd.generation != link.generation:
-                        if cmd.generation != -1:
-                            self.stats.resent += 1
-                        nursery.start_soon(self._send, cmd)
+                if self.on_link is not None:
+                    try:
+                        await self.on_link(link)
+                    except (BlockError, LinkBroken, ProtocolError) as exc:
+                        refusal = str(exc)
+                        link.broken(f"refused: {refusal}")
+                if refusal is None:
+                    self._set_link(link)
+                    # Resend what the last link left unanswered, oldest first.
+                    for key in sorted(self._pending):
+                        cmd = self._pending[key]
+                        if cmd.generation != link.generation:
+                            if cmd.generation != -1:
+                                self.stats.resent += 1
+                            nursery.start_soon(self._send, cmd)
                 await link.wait_broken()
                 nursery.cancel_scope.cancel()
         finally:
@@ -368,13 +393,15 @@ class RemoteVolume:
             if not self.config.resend:
                 self._fail_all(BlockError(errno.ENOTCONN, f"peer link lost: {link.reason}"))
             await trio.aclose_forcefully(link.framed.stream)
-        log.warning(
-            "volume=%s server=%s event=disconnected reason=%r pending=%d",
-            self.config.volume,
-            self.config.address,
-            link.reason,
-            len(self._pending),
-        )
+        if refusal is None:
+            log.warning(
+                "volume=%s server=%s event=disconnected reason=%r pending=%d",
+                self.config.volume,
+                self.config.address,
+                link.reason,
+                len(self._pending),
+            )
+        return refusal
 
 
 @asynccontextmanager

@@ -174,6 +174,10 @@ class DirtyBitmap:
     def extent_size(self) -> int:
         return self._extent_size
 
+    @property
+    def volume_size(self) -> int:
+        return self._volume_size
+
     def _extent_range(self, offset: int, length: int) -> tuple[int, int]:
         if offset < 0 or length <= 0 or offset + length > self._volume_size:
             raise ValueError(

@@ -35,18 +35,22 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import trio
 
 from dst.block import Bio, Limits, Op, split
 from dst.block.layer import BlockLayer
+from dst.client.link import Link, LinkBroken
 from dst.client.remote import RemoteVolume
 from dst.errors import BlockError
 from dst.replication.activity_log import ActivityLog, ActivityLogFullError
-from dst.replication.bitmap import DirtyBitmap
+from dst.replication.sync import ReplicaState, connect_handshake
+from dst.wire import SyncRequest
 
 log = logging.getLogger("dst.replication")
 
@@ -80,14 +84,17 @@ class Replicated:
         self,
         local: BlockLayer,
         peer: RemoteVolume,
-        bitmap: DirtyBitmap,
+        state: ReplicaState,
         *,
         activity_log: ActivityLog | None = None,
         resync_rate: int = DEFAULT_RESYNC_RATE,
     ) -> None:
         self.local = local
         self.peer = peer
-        self.bitmap = bitmap
+        self.state = state
+        self.bitmap = state.bitmap
+        # Every new link is handshaken (generation ids, sync.py) before it takes a write.
+        peer.on_link = self._handshake
         self.al = activity_log
         self._al_freed = trio.Event()
         # Extents the peer completed since its last successful FLUSH: in its page cache, not
@@ -225,6 +232,7 @@ class Replicated:
         if peer_error is None or not (unflushed or overflow):
             return
         step = self.bitmap.extent_size
+        await self.state.before_degraded_ack()
         if overflow:
             self.bitmap.mark_all()
         for extent in unflushed:
@@ -248,6 +256,7 @@ class Replicated:
         """Record a write the peer did not get, durably, before it is acknowledged."""
         self._degraded_writes += 1
         self._degraded_bytes += bio.length
+        await self.state.before_degraded_ack()
         if self.bitmap.mark(bio.offset, bio.length):
             await trio.to_thread.run_sync(self.bitmap.flush)
         if self._degraded_writes == 1 or self._degraded_writes % 1000 == 0:
@@ -261,13 +270,41 @@ class Replicated:
 
     # -- resync --------------------------------------------------------------------------
 
+    async def _handshake(self, link: Link) -> None:
+        await connect_handshake(self.state, partial(self._sync, link))
+
+    async def _sync(self, link: Link, action: str, state: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A SyncRequest to the peer on ``link``; its state in answer."""
+        msg = SyncRequest(self.peer.new_tid(), self.peer.config.volume, action, state)
+        return (await link.call(msg)).status
+
     async def run_resync(self) -> None:
-        """Forever: when the peer is connected and extents are dirty, copy them over."""
+        """Forever: when the peer is connected and extents are dirty, copy them over; when
+        none are left, end the resync in the generation ids of both sides."""
         while True:
             await self.peer.wait_connected()
             if self.bitmap.dirty_bytes:
                 await self._resync_pass()
+            if not self.bitmap.dirty_bytes and self.state.needs_finish:
+                await self._finish_resync()
             await trio.sleep(0.2)
+
+    async def _finish_resync(self) -> None:
+        """The source's step, persisted, then the target adopts our tuple (sync.py)."""
+        try:
+            await self.peer.submit(Bio(Op.FLUSH, 0, 0))
+            if not await self.state.finish_as_source():
+                return
+            link = self.peer.link
+            if link is None:
+                return
+            await self._sync(link, "adopt", {"generations": self.state.generations.to_json()})
+        except (BlockError, LinkBroken) as exc:
+            log.warning("event=resync_finish_interrupted reason=%r", str(exc))
+            return
+        self.state.peer_needs_adopt = False
+        self.state.verdict = "in sync"
+        log.info("event=in_sync generations=%s", self.state.generations.to_json()["current"])
 
     async def _resync_pass(self) -> None:
         self._resync_total = self.bitmap.dirty_bytes

@@ -11,9 +11,10 @@ import errno
 import logging
 import socket
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -23,6 +24,7 @@ from dst.errors import BlockError, ConfigError
 from dst.net.endpoints import Address, serve
 from dst.net.framed import FramedStream
 from dst.replication.peer import open_peer
+from dst.replication.sync import answer
 from dst.security.tls import TlsConfig
 from dst.server.pool import PagePool
 from dst.server.session import Session
@@ -83,8 +85,12 @@ class Server:
 
     def open_volumes(self, specs: Iterable[tuple[str, int]]) -> None:
         for name, size in specs:
-            peer = self._peer_link(name) if self.role == "primary" else None
-            volume = Volume.open(self.config.data_dir, name, size, limits=self.limits, peer=peer)
+            replica = self.role != "standalone"
+            volume = Volume.open(
+                self.config.data_dir, name, size, limits=self.limits, replica=replica
+            )
+            if self.role == "primary":
+                volume.become_primary(self._peer_link(name))
             self.volumes[name] = volume
             log.info(
                 "volume=%s size=%d epoch=%d path=%s event=opened",
@@ -117,21 +123,56 @@ class Server:
                 "the primary is still connected to this secondary; stop it first "
                 "(or promote with force)",
             )
-        assert self._nursery is not None
-        promoted = Volume.open(
-            self.config.data_dir,
-            name,
-            volume.size,
-            limits=self.limits,
-            peer=self._peer_link(name),
-            store=volume.layer,
-        )
-        assert promoted.replicated is not None
-        await self._nursery.start(promoted.replicated.peer.run, None)
-        self._nursery.start_soon(promoted.replicated.run_resync)
-        volume.layer, volume.replicated = promoted.layer, promoted.replicated
+        state = volume.state
+        assert state is not None and self._nursery is not None
+        if state.generations.inconsistent:
+            if not force:
+                raise BlockError(
+                    errno.EROFS,
+                    "a resync towards this replica was interrupted: its data is a mix "
+                    "(promote with force to accept that)",
+                )
+            await state.update(state.generations.declare_survivor())
+        replicated = volume.become_primary(self._peer_link(name))
+        await self._nursery.start(replicated.peer.run, None)
+        self._nursery.start_soon(replicated.run_resync)
         self.role = "primary"
         log.warning("volume=%s peer=%s event=promoted force=%s", name, self.config.peer, force)
+
+    async def sync(
+        self, name: str, action: str, given: Mapping[str, Any], role: str
+    ) -> dict[str, Any]:
+        """A SyncRequest: the peer primary's handshake steps, or the operator's resolve."""
+        volume = self.volumes.get(name)
+        if volume is None or volume.state is None:
+            what = "does not exist" if volume is None else "is not replicated"
+            raise BlockError(errno.ENOENT, f"volume {name!r} {what} on this server")
+        if action == "resolve":
+            self.resolve(name)
+        elif role != "replica":
+            raise BlockError(errno.EPERM, f"sync {action}: only a replica peer may ask")
+        elif volume.replicated is not None:
+            raise BlockError(
+                errno.EBUSY, f"volume {name!r} is primary here too (split brain?): not a target"
+            )
+        else:
+            return await answer(volume.state, action, given)
+        return volume.state.describe()
+
+    def resolve(self, name: str) -> None:
+        """The operator names this primary's copy of ``name`` the survivor of a split brain:
+        its next handshake with the peer makes it the resync source (sync.py)."""
+        volume = self.volumes.get(name)
+        if volume is None:
+            raise BlockError(errno.ENOENT, f"volume {name!r} does not exist on this server")
+        if volume.replicated is None or volume.state is None:
+            raise BlockError(
+                errno.EINVAL,
+                f"volume {name!r} is not primary here: run resolve on the survivor, "
+                "promoted first if it is a secondary, and restart the other as secondary",
+            )
+        volume.state.survivor = True
+        log.warning("volume=%s event=resolve survivor=%s", name, self.node_id)
 
     async def _on_connection(self, framed: FramedStream, role: str | None, peer: str) -> None:
         self.stats["connections"] += 1

@@ -48,6 +48,7 @@ from dst.wire import (
     Reply,
     StatusReply,
     StatusRequest,
+    SyncRequest,
     TrimRequest,
     Welcome,
     WriteRequest,
@@ -212,6 +213,8 @@ class Session:
                 nursery.start_soon(self._in_slot, self._checksum, msg)
             elif isinstance(msg, PromoteRequest):
                 nursery.start_soon(self._in_slot, self._promote, msg)
+            elif isinstance(msg, SyncRequest):
+                nursery.start_soon(self._in_slot, self._sync, msg)
             elif isinstance(msg, DataRequest):
                 pages: Pages | None = None
                 if isinstance(msg, WriteRequest):
@@ -270,6 +273,14 @@ class Session:
             await self._reply(Reply(tid=msg.tid, sub=0, errno=exc.errno, message=str(exc)))
             return
         await self._reply(Reply(tid=msg.tid, sub=0, errno=0, message=""))
+
+    async def _sync(self, msg: SyncRequest) -> None:
+        try:
+            state = await self.server.sync(msg.volume, msg.action, msg.state, self.role)
+        except BlockError as exc:
+            await self._answer(msg.tid, 0, exc.errno, str(exc))
+            return
+        await self._reply(StatusReply(tid=msg.tid, status=state))
 
     async def _checksum(self, msg: ChecksumRequest) -> None:
         """crc32c of each ``extent`` of the range, read locally a chunk at a time: what
@@ -343,12 +354,8 @@ class Session:
             return
         if volume.replicated is not None and self.node.endswith(REPLICATION_NODE_SUFFIX):
             # Another server wants to replicate into a volume that is primary here: two
-            # primaries, both taking writes. Never let one overwrite the other silently.
-            # Whichever side the operator keeps must later rewrite all of the other: its
-            # own bitmap does not know what the other primary wrote.
-            bitmap = volume.replicated.bitmap
-            bitmap.mark_all()
-            await trio.to_thread.run_sync(bitmap.flush)
+            # primaries, both taking writes. Never let one overwrite the other; once one is
+            # restarted as secondary, the generation ids show the split brain (sync.py).
             log.error(
                 "peer=%s node=%s volume=%s event=split_brain_suspected "
                 "reason='both servers are primary'",

@@ -56,4 +56,20 @@ def _volume(server: Server, volume: Volume) -> dict[str, StatusValue]:
     elif server.role == "secondary":
         doc["connection"] = "connected" if server.sessions.get("replica") else "disconnected"
         doc["disk"] = "secondary"
+    state = volume.state
+    if state is not None:
+        gens = state.generations
+        doc["generations"] = {
+            "current": f"{gens.current:#018x}",
+            "bitmap": f"{gens.bitmap:#018x}",
+            "history": tuple(f"{h:#018x}" for h in gens.history),
+            "crashed_primary": gens.crashed_primary,
+            "inconsistent": gens.inconsistent,
+        }
+        doc["handshake"] = state.verdict
+        doc["split_brain"] = state.split_brain
+        if state.split_brain:
+            doc["connection"] = "split-brain"
+        if gens.inconsistent:
+            doc["disk"] = "inconsistent"
     return doc

@@ -4,9 +4,11 @@ On disk, in the server's data directory:
 
 - ``NAME.img`` — the data, one file of exactly the volume's size (sparse when created), so an
   operator can ``cmp``, ``qemu-img info`` or loop-mount it offline;
-- ``NAME.bitmap`` — on a replication primary, the persistent out-of-sync bitmap;
-- ``NAME.al`` — on a replication primary, the activity log (extents with writes in flight);
-- ``NAME.meta.json`` — small metadata (size, volume uuid, epoch), replaced atomically
+- ``NAME.bitmap`` — on a replicated volume, the persistent out-of-sync bitmap;
+- ``NAME.al`` — on a replicated volume, the activity log (extents with writes in flight while
+  primary);
+- ``NAME.meta.json`` — small metadata (size, volume uuid, epoch, generation identifiers),
+  replaced atomically
   (write a temporary file, fsync it, rename, fsync the directory).
 
 The volume's stack on the server is built here: ``FileStore`` at the bottom, and on a
@@ -20,7 +22,7 @@ import logging
 import os
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dst.block import BlockLayer, FileStore, Limits
@@ -28,10 +30,13 @@ from dst.client.remote import RemoteVolume
 from dst.errors import ConfigError
 from dst.replication.activity_log import ActivityLog
 from dst.replication.bitmap import DirtyBitmap
+from dst.replication.generations import Generations
 from dst.replication.layer import Replicated
+from dst.replication.sync import ReplicaState
 
 log = logging.getLogger("dst.server")
 
+NEW_VOLUME = Generations.created()
 # Names become file names; keep them portable and unable to escape the data directory.
 VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -71,23 +76,23 @@ class VolumeMeta:
     size: int
     uuid: str
     epoch: int
+    #: Replication's generation identifiers (``dst/replication/generations.py``).
+    generations: Generations = NEW_VOLUME
 
 
 class Volume:
     """A named volume: its block stack (``layer``) and its persisted metadata."""
 
-    def __init__(
-        self,
-        data_dir: Path,
-        meta: VolumeMeta,
-        layer: BlockLayer,
-        replicated: Replicated | None = None,
-    ) -> None:
+    def __init__(self, data_dir: Path, meta: VolumeMeta, store: BlockLayer) -> None:
         self.data_dir = data_dir
         self.meta = meta
-        self.layer = layer
+        self.store = store
+        self.layer: BlockLayer = store
+        #: On either server of a replicated pair: generations, bitmap, handshake verdict.
+        self.state: ReplicaState | None = None
+        self.al: ActivityLog | None = None
         #: Set on a replication primary: the layer that also writes to the peer.
-        self.replicated = replicated
+        self.replicated: Replicated | None = None
 
     @property
     def name(self) -> str:
@@ -105,20 +110,18 @@ class Volume:
     def limits(self) -> Limits:
         return self.layer.limits
 
+    @property
+    def meta_path(self) -> Path:
+        return self.data_dir / f"{self.name}.meta.json"
+
     @classmethod
     def open(
-        cls,
-        data_dir: Path,
-        name: str,
-        size: int,
-        *,
-        limits: Limits,
-        peer: RemoteVolume | None = None,
-        store: BlockLayer | None = None,
+        cls, data_dir: Path, name: str, size: int, *, limits: Limits, replica: bool = False
     ) -> Volume:
         """Open (or create) ``name`` in ``data_dir``; a size that disagrees with the existing
-        volume is a ConfigError rather than a silent resize.  With ``peer`` (a replication
-        primary) the stack is Replicated(FileStore, peer) with ``NAME.bitmap`` beside it."""
+        volume is a ConfigError rather than a silent resize.  A ``replica`` (either server of
+        a pair) also opens ``NAME.bitmap`` and ``NAME.al``, recovering the activity log of a
+        crashed primary into the bitmap; :meth:`become_primary` stacks Replicated on top."""
         check_volume_name(name)
         data_dir.mkdir(parents=True, exist_ok=True)
         meta_path = data_dir / f"{name}.meta.json"
@@ -133,31 +136,50 @@ class Volume:
             meta = VolumeMeta(name=name, size=size, uuid=str(uuid.uuid4()), epoch=1)
         image = data_dir / f"{name}.img"
         had_data = image.exists()
-        if store is None:  # (promotion passes the store it already has open)
-            store = FileStore.open(image, size, create=True, limits=limits)
+        store = FileStore.open(image, size, create=True, limits=limits)
         if not meta_path.exists():
             write_meta_atomically(meta_path, meta)
-        if peer is None:
-            return cls(data_dir, meta, store)
+        volume = cls(data_dir, meta, store)
+        if replica:
+            volume._open_replica(had_data)
+        return volume
+
+    def _open_replica(self, had_data: bool) -> None:
+        name, size = self.name, self.size
         # An existing volume without a bitmap may hold writes its peer lacks: all dirty.
-        bitmap_path = data_dir / f"{name}.bitmap"
+        bitmap_path = self.data_dir / f"{name}.bitmap"
         create_dirty = had_data and not bitmap_path.exists()
         bitmap = DirtyBitmap.open(bitmap_path, size, create_dirty=create_dirty)
-        al = ActivityLog.open(data_dir / f"{name}.al", size)
-        if not al.was_clean:
-            # This primary crashed: writes in flight then may be on one side only.
-            recovered = al.recovered_extents
+        self.al = ActivityLog.open(self.data_dir / f"{name}.al", size)
+        generations = self.meta.generations
+        if not self.al.was_clean:
+            # This node crashed as primary: writes in flight then may be on one side only.
+            recovered = self.al.recovered_extents
             for offset, length in recovered:
                 bitmap.mark(offset, length)
             bitmap.flush()
+            generations = generations.mark_crashed_primary()
+            self._persist_generations(generations)
+            self.al.clear()
             log.warning(
                 "volume=%s event=crash_recovery al_extents=%d bytes=%d (marked out of sync)",
                 name,
                 len(recovered),
                 sum(length for _, length in recovered),
             )
-        replicated = Replicated(store, peer, bitmap, activity_log=al)
-        return cls(data_dir, meta, replicated, replicated)
+        self.state = ReplicaState(generations, self._persist_generations, bitmap)
+
+    def become_primary(self, peer: RemoteVolume) -> Replicated:
+        """Stack Replicated(FileStore, peer) on this replica: it takes writes from now on."""
+        assert self.state is not None and self.al is not None, "not opened as a replica"
+        self.replicated = Replicated(self.store, peer, self.state, activity_log=self.al)
+        self.layer = self.replicated
+        return self.replicated
+
+    def _persist_generations(self, generations: Generations) -> None:
+        meta = replace(self.meta, generations=generations)
+        write_meta_atomically(self.meta_path, meta)
+        self.meta = meta
 
     async def aclose(self) -> None:
         await self.layer.aclose()
@@ -166,20 +188,29 @@ class Volume:
 def _read_meta(path: Path) -> VolumeMeta:
     try:
         raw = json.loads(path.read_text())
+        gens = raw.get("generations")
         return VolumeMeta(
             name=str(raw["name"]),
             size=int(raw["size"]),
             uuid=str(raw["uuid"]),
             epoch=int(raw["epoch"]),
+            # Written before generations existed: as new (the bitmaps carry the difference).
+            generations=Generations.from_json(gens) if gens else Generations.created(),
         )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
         raise ConfigError(f"volume metadata {path}: unreadable ({exc})") from exc
 
 
 def write_meta_atomically(path: Path, meta: VolumeMeta) -> None:
     tmp = path.with_name(path.name + ".tmp")
     body = json.dumps(
-        {"name": meta.name, "size": meta.size, "uuid": meta.uuid, "epoch": meta.epoch},
+        {
+            "name": meta.name,
+            "size": meta.size,
+            "uuid": meta.uuid,
+            "epoch": meta.epoch,
+            "generations": meta.generations.to_json(),
+        },
         indent=2,
     )
     with open(tmp, "w") as f:

@@ -136,11 +136,16 @@ WIRE_KEYS: dict[MsgType, tuple[Callable[..., Message], Fields]] = {
     MsgType.PING: (m.Ping, (("token", "tok", INT),)),
     MsgType.PONG: (m.Pong, (("token", "tok", INT),)),
     MsgType.REPLY: (m.Reply, (*_ID[:2], *_ERR)),
+    MsgType.RECEIVED: (m.Received, _ID[:2]),
     MsgType.GOODBYE: (m.Goodbye, _ERR),
     MsgType.STATUS: (m.StatusRequest, (_TID,)),
     MsgType.STATUS_REPLY: (m.StatusReply, (_TID, ("status", "st", STATUS))),
     MsgType.PROMOTE: (m.PromoteRequest, (_TID, _VOLUME, ("force", "f", BOOL))),
     MsgType.CHECKSUM: (m.ChecksumRequest, (*_ID, *_RANGE, ("extent", "ext", INT))),
+    MsgType.SYNC: (
+        m.SyncRequest,
+        (_TID, _VOLUME, ("action", "a", STR), ("state", "st", STATUS)),
+    ),
 }
 _BY_TYPE = {int(t): spec for t, spec in WIRE_KEYS.items()}
 _BY_CLASS = {cls: (int(t), fields) for t, (cls, fields) in WIRE_KEYS.items()}

@@ -25,16 +25,16 @@ Welcome must pick a version inside the Hello's range and a subset of its
 features; a Welcome that does not is fatal on the client.
 
 In READY the client sends Attach, requests (ChecksumRequest is one) and the
-administration messages StatusRequest and PromoteRequest; the server answers
-each with Attached, StatusReply or Reply; both may Ping and Pong.  Hello and
-Welcome are over.  Requests are pipelined and answered in any order, so each
-end keeps an *in-flight table* keyed by ``(tid, sub)`` (Attach, StatusRequest
-and PromoteRequest count as ``(tid, 0)``).  The client's entry lives from
+administration messages StatusRequest, PromoteRequest and SyncRequest; the
+server answers each with Attached, StatusReply or Reply; both may Ping and Pong.
+Hello and Welcome are over.  Requests are pipelined and answered in any order,
+so each end keeps an *in-flight table* keyed by ``(tid, sub)`` (Attach and the
+administration messages count as ``(tid, 0)``).  The client's entry lives from
 send(request) to receive(reply); the server's from receive(request) to
 send(reply).  From the table follow the rules: no reply without a request, a
 read's successful reply carries exactly ``length`` data bytes and a
 checksum's 4 per extent, Attach succeeds with Attached and only Attach does,
-StatusRequest with StatusReply and only it does, at most the server's
+StatusRequest and SyncRequest with StatusReply and only they do, at most the server's
 ``max_inflight`` requests outstanding, no second request under a
 ``(tid, sub)`` still in flight.
 
@@ -73,15 +73,18 @@ from dst.wire.messages import (
     BadRequest,
     ChecksumRequest,
     Errno,
+    FrameFlags,
     Goodbye,
     Hello,
     Message,
     Ping,
     Pong,
     ReadRequest,
+    Received,
     Reply,
     StatusReply,
     StatusRequest,
+    SyncRequest,
     Welcome,
     WriteRequest,
 )
@@ -131,7 +134,7 @@ def _version_ok(version: int, offered: tuple[int, int]) -> bool:
 def _key(msg: Message) -> Key:
     if isinstance(msg, (*TID_ONLY_TYPES, Attached, StatusReply)):
         return (msg.tid, 0)
-    assert isinstance(msg, (*REQUEST_TYPES, Reply, BadRequest))
+    assert isinstance(msg, (*REQUEST_TYPES, Reply, Received, BadRequest))
     return (msg.tid, msg.sub)
 
 
@@ -168,6 +171,7 @@ class Connection:
         self._negotiated: Negotiated | None = None
         self._inflight: dict[Key, Message] = {}
         self._dups: dict[Key, int] = {}  # duplicates owed an EEXIST reply (server)
+        self._received: set[Key] = set()  # writes whose Received has crossed
         self._we_closed = False
 
     @property
@@ -249,6 +253,8 @@ class Connection:
             self._ready(msg, peer=hello)
         elif isinstance(msg, Ping | Pong) and state is ConnState.READY:
             pass
+        elif isinstance(msg, Received) and state is ConnState.READY:
+            self._check_received(msg, LocalProtocolError)
         elif isinstance(msg, Answer) and state is ConnState.READY:
             key = _key(msg)
             pending = self._inflight.get(key)
@@ -259,6 +265,7 @@ class Connection:
                 return
             self._check_answer(msg, pending, data_len, LocalProtocolError)
             del self._inflight[key]
+            self._received.discard(key)
         else:
             raise LocalProtocolError(f"server may not send {_name(msg)} in {state.name}")
 
@@ -299,6 +306,9 @@ class Connection:
                 raise RemoteProtocolError(f"{_name(msg)} {key}: no such request in flight")
             self._check_answer(msg, pending, prefix.data_len, RemoteProtocolError)
             del self._inflight[key]
+            self._received.discard(key)
+        elif isinstance(msg, Received):
+            self._check_received(msg, RemoteProtocolError)
         elif not isinstance(msg, Ping | Pong):
             raise RemoteProtocolError(f"a server does not send {_name(msg)}")
         return msg
@@ -356,6 +366,18 @@ class Connection:
         if not self._dups[key]:
             del self._dups[key]
 
+    def _check_received(
+        self, msg: Received, error: type[LocalProtocolError] | type[RemoteProtocolError]
+    ) -> None:
+        """Received: for an in-flight WRITE flagged RECV_ACK, once, before its Reply."""
+        key = _key(msg)
+        pending = self._inflight.get(key)
+        if not isinstance(pending, WriteRequest) or not pending.flags & FrameFlags.RECV_ACK:
+            raise error(f"Received {key}: no write asking RECV_ACK in flight")
+        if key in self._received:
+            raise error(f"Received {key} twice")
+        self._received.add(key)
+
     @staticmethod
     def _check_answer(
         msg: Answer,
@@ -367,10 +389,10 @@ class Connection:
         StatusRequest, read and checksum data sized."""
         if isinstance(msg, Attached) and not isinstance(pending, Attach):
             raise error(f"Attached {_key(msg)} answers {_name(pending)}, not Attach")
-        if isinstance(msg, StatusReply) and not isinstance(pending, StatusRequest):
+        if isinstance(msg, StatusReply) and not isinstance(pending, StatusRequest | SyncRequest):
             raise error(f"StatusReply {_key(msg)} answers {_name(pending)}, not StatusRequest")
         ok = isinstance(msg, Reply) and not msg.errno
-        if ok and isinstance(pending, Attach | StatusRequest | BadRequest):
+        if ok and isinstance(pending, Attach | StatusRequest | SyncRequest | BadRequest):
             raise error(f"success Reply {_key(msg)} to {_name(pending)}: must be an error")
         want = 0
         if ok and isinstance(pending, ReadRequest):

@@ -41,11 +41,13 @@ class MsgType(enum.IntEnum):
     PING = 0x20
     PONG = 0x21
     REPLY = 0x30
+    RECEIVED = 0x31
     GOODBYE = 0x40
     STATUS = 0x50
     STATUS_REPLY = 0x51
     PROMOTE = 0x52
     CHECKSUM = 0x53
+    SYNC = 0x54
 
 
 class FrameFlags(enum.IntFlag):
@@ -55,6 +57,7 @@ class FrameFlags(enum.IntFlag):
     PREFLUSH = 0x2  # everything acknowledged before is stable before this runs
     FAILFAST = 0x4  # fail at once rather than retry (mirror legs, seed 004)
     NO_HOLE = 0x8  # WRITE_ZEROES must allocate, not punch a hole
+    RECV_ACK = 0x10  # send Received as soon as the write's data is in (replication protocol B)
 
 
 class Errno(enum.IntEnum):
@@ -236,6 +239,16 @@ class Reply:
 
 
 @dataclass(frozen=True, slots=True)
+class Received:
+    """Server -> client, for a WriteRequest flagged RECV_ACK, at most once and before its
+    Reply: the data is in the server's memory (DRBD's P_RECV_ACK).  Not an answer: the
+    request stays in flight until its Reply."""
+
+    tid: int
+    sub: int
+
+
+@dataclass(frozen=True, slots=True)
 class Goodbye:
     errno: int
     message: str = ""
@@ -285,6 +298,27 @@ class ChecksumRequest:
     flags: int = 0
 
 
+#: What a SyncRequest may ask (PROTOCOL.md, Administration).
+SYNC_ACTIONS = ("query", "target", "adopt", "resolve")
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRequest:
+    """Replication state between the two servers of a pair, and the operator's
+    split-brain resolution.  ``action`` is one of SYNC_ACTIONS; ``state`` carries
+    the sender's generation identifiers where the action needs them.  Answered by
+    a StatusReply (the receiver's state) or an error Reply under ``(tid, 0)``."""
+
+    tid: int
+    volume: str
+    action: str
+    state: Mapping[str, StatusValue]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.state, Mapping):  # anything else is refused by validate
+            object.__setattr__(self, "state", _frozen_status(self.state))
+
+
 @dataclass(frozen=True, slots=True)
 class BadRequest:
     """Not a wire message: what the decoder returns for a sound frame holding
@@ -314,11 +348,13 @@ Message = (
     | Ping
     | Pong
     | Reply
+    | Received
     | Goodbye
     | StatusRequest
     | StatusReply
     | PromoteRequest
     | ChecksumRequest
+    | SyncRequest
     | BadRequest
 )
 # Requests: tracked by (tid, sub), carry header flags, answered by a Reply.
@@ -331,7 +367,7 @@ REQUEST_TYPES = (
     ChecksumRequest,
 )
 # The client's other messages that are answered: no sub, tracked by (tid, 0).
-TID_ONLY_TYPES = (Attach, StatusRequest, PromoteRequest)
+TID_ONLY_TYPES = (Attach, StatusRequest, PromoteRequest, SyncRequest)
 
 MSG_TYPE_OF: Mapping[type, MsgType] = MappingProxyType(
     {
@@ -347,10 +383,12 @@ MSG_TYPE_OF: Mapping[type, MsgType] = MappingProxyType(
         Ping: MsgType.PING,
         Pong: MsgType.PONG,
         Reply: MsgType.REPLY,
+        Received: MsgType.RECEIVED,
         Goodbye: MsgType.GOODBYE,
         StatusRequest: MsgType.STATUS,
         StatusReply: MsgType.STATUS_REPLY,
         PromoteRequest: MsgType.PROMOTE,
         ChecksumRequest: MsgType.CHECKSUM,
+        SyncRequest: MsgType.SYNC,
     }
 )

@@ -20,6 +20,7 @@ from typing import Any
 from dst.errors import ProtocolError
 from dst.wire.messages import (
     REQUEST_TYPES,
+    SYNC_ACTIONS,
     Attach,
     Attached,
     ChecksumRequest,
@@ -34,9 +35,11 @@ from dst.wire.messages import (
     Pong,
     PromoteRequest,
     ReadRequest,
+    Received,
     Reply,
     StatusReply,
     StatusRequest,
+    SyncRequest,
     TrimRequest,
     Welcome,
     WriteRequest,
@@ -123,7 +126,7 @@ ALLOWED_FLAGS: Mapping[type, int] = MappingProxyType(
     {
         ReadRequest: int(_F.FAILFAST),
         FlushRequest: int(_F.FAILFAST),
-        WriteRequest: int(_F.FUA | _F.PREFLUSH | _F.FAILFAST),
+        WriteRequest: int(_F.FUA | _F.PREFLUSH | _F.FAILFAST | _F.RECV_ACK),
         TrimRequest: int(_F.FUA | _F.PREFLUSH | _F.FAILFAST),
         WriteZeroesRequest: int(_F.FUA | _F.PREFLUSH | _F.FAILFAST | _F.NO_HOLE),
         ChecksumRequest: int(_F.FAILFAST),
@@ -341,11 +344,22 @@ def validate(msg: Message) -> None:
         if not isinstance(msg.status, Mapping):
             raise FieldError("status", msg.status, "must be a map")
         _status("status", msg.status, 1)
+    elif isinstance(msg, SyncRequest):
+        _uint("tid", msg.tid, U64_MAX)
+        _text("volume", msg.volume, MAX_VOLUME_NAME_LEN, name_like=True)
+        if msg.action not in SYNC_ACTIONS:
+            raise FieldError("action", msg.action, f"must be one of {', '.join(SYNC_ACTIONS)}")
+        if not isinstance(msg.state, Mapping):
+            raise FieldError("state", msg.state, "must be a map")
+        _status("state", msg.state, 1)
     elif isinstance(msg, PromoteRequest):
         _uint("tid", msg.tid, U64_MAX)
         _text("volume", msg.volume, MAX_VOLUME_NAME_LEN, name_like=True)
         if not isinstance(msg.force, bool):
             raise FieldError("force", msg.force, "must be a boolean")
+    elif isinstance(msg, Received):
+        _uint("tid", msg.tid, U64_MAX)
+        _uint("sub", msg.sub, U16_MAX)
     elif isinstance(msg, Ping | Pong):
         _uint("token", msg.token, U64_MAX)
     elif isinstance(msg, Reply | Goodbye):

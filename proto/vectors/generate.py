@@ -41,10 +41,12 @@ from dst.wire import (
     Pong,
     PromoteRequest,
     ReadRequest,
+    Received,
     Reply,
     StatusReply,
     StatusRequest,
     StatusValue,
+    SyncRequest,
     TrimRequest,
     Welcome,
     WriteRequest,
@@ -139,6 +141,8 @@ def vectors() -> list[tuple[str, bytes, dict[str, Any], str]]:
     status: dict[str, StatusValue] = {"node_id": "server-1", "protocol": "C",
                                       "split_brain": False, "volumes": [vol0, vol1]}  # fmt: skip
     checksum = ChecksumRequest(22, 0, 7, 64 * KIB, 8704, 4096, FrameFlags.FAILFAST)
+    gens = {"current": "0x0000000000000004", "bitmap": "0x0000000000000000"}
+    sync = SyncRequest(23, "vol0", "query", {"generations": gens})
     volume = pattern(4096) + bytes(4096) + pattern(512)  # what the checksummed range holds
     out: list[tuple[str, bytes, dict[str, Any], str]] = []
     valid: list[tuple[str, Message, bytes, str]] = [
@@ -154,6 +158,7 @@ def vectors() -> list[tuple[str, bytes, dict[str, Any], str]]:
         ("write_zeroes", zeroes, b"", "64 KiB of zeroes, NO_HOLE|FUA"),
         ("ping", Ping(0x0123456789ABCDEF), b"", "keepalive"),
         ("pong", Pong(0x0123456789ABCDEF), b"", "its answer, same token"),
+        ("received", Received(3, 1), b"", "protocol B: the write's data is in (RECV_ACK)"),
         ("reply_ok", Reply(3, 1, 0), b"", "success of the write"),
         ("reply_read", Reply(2, 1, 0), pattern(1536), "success of the read, with its data"),
         ("reply_error", stale, b"", "a fenced write: ESTALE, definitely not applied"),
@@ -161,6 +166,7 @@ def vectors() -> list[tuple[str, bytes, dict[str, Any], str]]:
         ("status", StatusRequest(20), b"", "dst status asks"),
         ("status_reply", StatusReply(20, status), b"", "a tree: maps sorted, arrays, nil, bool"),
         ("promote", PromoteRequest(21, "vol0", False), b"", "dst promote, not forced"),
+        ("sync", sync, b"", "a primary asks its peer's generations at connect"),
         ("checksum", checksum, b"", "crc32c of 2 x 4 KiB and a 512-byte tail, FAILFAST"),
         ("reply_checksum", Reply(22, 0, 0), checksums(volume, 4096),
          "its answer, 3 big-endian crc32c: 4 KiB of pattern, a hole (zeros), 512 of pattern"),

@@ -4,18 +4,21 @@ ends, pass or fail."""
 
 from __future__ import annotations
 
+import filecmp
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from dst.admin import fetch_status
 from dst.net.endpoints import Address, parse_address
 from dst.security.tls import TlsConfig
 from dst.server import Server, ServerConfig
@@ -175,3 +178,18 @@ def bridge_process(
         yield bp
     finally:
         bp.stop()
+
+
+async def wait_in_sync(address: Address, timeout_s: float = 60) -> Mapping[str, Any]:
+    """Poll `status` until the volume's replication link is up and nothing is out of sync."""
+    with trio.fail_after(timeout_s):
+        while True:
+            doc = await fetch_status(address, None)
+            v = doc["volumes"]["vol0"]
+            if v["connection"] == "connected" and v["out_of_sync_bytes"] == 0:
+                return doc
+            await trio.sleep(0.2)
+
+
+def same_files(a: Path, b: Path) -> bool:
+    return filecmp.cmp(a, b, shallow=False)

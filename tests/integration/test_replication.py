@@ -5,13 +5,12 @@ the extents written while it was away, and the two files end byte for byte ident
 from __future__ import annotations
 
 import errno
-import filecmp
 import json
 import random
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,19 @@ from typing import Any
 import pytest
 import trio
 
-from dst.admin import fetch_status
 from dst.block import Bio, BioFlags, Limits, MemoryStore, Op, Segment
 from dst.client import open_remote
 from dst.errors import BlockError
 from dst.net.endpoints import Address
 from dst.server import Server
-from tests.integration.harness import ServerProcess, free_port, pair_processes, running_server
+from tests.integration.harness import (
+    ServerProcess,
+    free_port,
+    pair_processes,
+    running_server,
+    same_files,
+    wait_in_sync,
+)
 from tests.integration.nbdtools import run, text
 
 MiB = 1 << 20
@@ -49,21 +54,6 @@ async def running_pair(tmp_path: Path) -> AsyncIterator[tuple[Server, Server, Ad
             with trio.fail_after(10):
                 await rep.peer.wait_connected()
             yield primary, secondary, primary.listen_address, secondary.listen_address
-
-
-async def wait_in_sync(address: Address, timeout_s: float = 60) -> Mapping[str, Any]:
-    """Poll `status` until the volume's replication link is up and nothing is out of sync."""
-    with trio.fail_after(timeout_s):
-        while True:
-            doc = await fetch_status(address, None)
-            v = doc["volumes"]["vol0"]
-            if v["connection"] == "connected" and v["out_of_sync_bytes"] == 0:
-                return doc
-            await trio.sleep(0.2)
-
-
-def same_files(a: Path, b: Path) -> bool:
-    return filecmp.cmp(a, b, shallow=False)
 
 
 async def test_writes_land_on_both_and_no_peer_request_crosses_32k(tmp_path: Path) -> None:
@@ -359,58 +349,6 @@ async def test_primary_crash_and_restart_resyncs_its_activity_log_extents(tmp_pa
         m = re.search(r"event=crash_recovery al_extents=(\d+) bytes=(\d+)", log)
         assert m and 0 < int(m.group(2)) <= HOT, "the AL named the hot extents, not the volume"
         assert same_files(primary.data_dir / "vol0.img", secondary.data_dir / "vol0.img")
-
-
-async def test_two_primaries_refuse_to_replicate_into_each_other(tmp_path: Path) -> None:
-    """Split-brain guard: a former primary restarted as primary after a failover must not
-    overwrite the new primary's writes. Each side refuses the other's link (EBUSY, logged),
-    both go on degraded, and neither's data reaches the other."""
-    pa, pb = free_port(), free_port()
-    a = ServerProcess(
-        tmp_path / "a",
-        pa,
-        "vol0=64M",
-        tmp_path / "a.log",
-        "--peer",
-        f"127.0.0.1:{pb}",
-        "--role",
-        "primary",
-    )
-    b = ServerProcess(
-        tmp_path / "b",
-        pb,
-        "vol0=64M",
-        tmp_path / "b.log",
-        "--peer",
-        f"127.0.0.1:{pa}",
-        "--role",
-        "primary",
-    )
-    try:
-        a.start()
-        b.start()
-        for proc, byte in ((a, b"A"), (b, b"B")):
-            async with open_remote(proc.address, "vol0") as vol:
-                await vol.submit(Bio.from_buffer(Op.WRITE, 0, byte * 4096, flags=BioFlags.FUA))
-        with trio.fail_after(10):
-            while not all("split_brain_suspected" in p.log_path.read_text() for p in (a, b)):
-                await trio.sleep(0.1)
-        for proc in (a, b):
-            doc = await fetch_status(proc.address, None)
-            assert doc["volumes"]["vol0"]["connection"] == "disconnected"
-            # everything is out of sync: the survivor will rewrite all of the other
-            assert doc["volumes"]["vol0"]["out_of_sync_bytes"] == 64 * MiB
-        assert (tmp_path / "a" / "vol0.img").read_bytes()[:4096] == b"A" * 4096
-        assert (tmp_path / "b" / "vol0.img").read_bytes()[:4096] == b"B" * 4096
-        # the operator keeps B: A restarts as its secondary and is rewritten from B entirely
-        a.stop()
-        a.argv[a.argv.index("--role") + 1] = "secondary"
-        a.start()
-        await wait_in_sync(b.address)
-        assert same_files(tmp_path / "a" / "vol0.img", tmp_path / "b" / "vol0.img")
-    finally:
-        a.stop()
-        b.stop()
 
 
 class FlushFails:

@@ -45,6 +45,7 @@ from dst.wire import (
     StatusReply,
     StatusRequest,
     StatusValue,
+    SyncRequest,
     TrimRequest,
     Welcome,
     WriteRequest,
@@ -351,7 +352,7 @@ def test_unknown_keys_are_ignored() -> None:
     assert isinstance(hello, Hello) and dict(hello.limits) == {"max_bytes": 9}
 
 
-@pytest.mark.parametrize("msg_type", [0x00, 0x05, 0x15, 0x22, 0x31, 0x4F, 0x54, 0xFF])
+@pytest.mark.parametrize("msg_type", [0x00, 0x05, 0x15, 0x22, 0x32, 0x4F, 0x55, 0xFF])
 def test_unknown_type_is_answered_if_it_has_a_tid(msg_type: int) -> None:
     msg = decode_message(raw_frame(msg_type, {"t": 5, "s": 6, "new": 1}))
     assert msg == BadRequest(
@@ -395,7 +396,7 @@ def test_flags_table(request_msg: Message, bit: int) -> None:
 @pytest.mark.parametrize(
     "msg",
     [Ping(1), Reply(1, 0, 0), Goodbye(0), Attach(1, "v"), StatusRequest(1),
-     PromoteRequest(1, "v", True), StatusReply(1, {})],
+     PromoteRequest(1, "v", True), StatusReply(1, {}), SyncRequest(1, "v", "query", {})],
     ids=lambda m: type(m).__name__,
 )  # fmt: skip
 def test_flags_on_a_non_request(msg: Message) -> None:
@@ -761,6 +762,10 @@ def test_data_on_a_status_reply_is_fatal() -> None:
         (PromoteRequest(2**64, "vol0", False), "tid"),
         (StatusRequest(-1), "tid"),
         (StatusReply(True, {}), "tid"),
+        (SyncRequest(1, "vol0", "merge", {}), "action"),
+        (SyncRequest(1, "vol0", "query", ()), "state"),  # type: ignore[arg-type]
+        (SyncRequest(1, "vol0", "adopt", {"g": 2**64}), "state.g"),
+        (SyncRequest(1, "", "query", {}), "volume"),
     ],
 )  # fmt: skip
 def test_encode_refuses_bad_administration(msg: Message, match: str) -> None:
@@ -769,10 +774,12 @@ def test_encode_refuses_bad_administration(msg: Message, match: str) -> None:
 
 
 def test_every_administration_message_round_trips() -> None:
-    for msg in (StatusRequest(0), StatusReply(3, STATUS), PromoteRequest(5, "vol0", True)):
+    sync = SyncRequest(6, "vol0", "target", {"generations": {"current": "0x1", "h": (1, 2)}})
+    for msg in (StatusRequest(0), StatusReply(3, STATUS), PromoteRequest(5, "vol0", True), sync):
         frame = decode(whole(msg))
         assert frame is not None and frame.message == msg and frame.data == b""
-    assert set(TID_ONLY_TYPES) == {Attach, StatusRequest, PromoteRequest}
+    assert set(TID_ONLY_TYPES) == {Attach, StatusRequest, PromoteRequest, SyncRequest}
+    assert MSG_TYPE_OF[SyncRequest] == 0x54
     assert {MSG_TYPE_OF[t] for t in (StatusRequest, StatusReply, PromoteRequest)} == {
         0x50,
         0x51,

@@ -27,6 +27,7 @@ from dst.wire import (
     Errno,
     FlushRequest,
     FrameDecoder,
+    FrameFlags,
     FramePrefix,
     Goodbye,
     Hello,
@@ -36,9 +37,11 @@ from dst.wire import (
     Pong,
     PromoteRequest,
     ReadRequest,
+    Received,
     Reply,
     StatusReply,
     StatusRequest,
+    SyncRequest,
     TrimRequest,
     Welcome,
     WriteRequest,
@@ -112,6 +115,8 @@ SAMPLES: dict[str, Message] = {
     "checksum": ChecksumRequest(17, 0, 1, 0, 8704, 4096),
     "status": StatusRequest(18),
     "promote": PromoteRequest(19, "vol0", False),
+    "sync": SyncRequest(20, "vol0", "query", {}),
+    "received": Received(2, 0),  # for IN_FLIGHT's read: never allowed
     "status_reply": StatusReply(3, {"role": "primary"}),  # answers IN_FLIGHT's StatusRequest
     "ping": Ping(5),
     "pong": Pong(5),
@@ -120,7 +125,9 @@ SAMPLES: dict[str, Message] = {
     "bad": BadRequest(16, 0, 0x15, Errno.EOPNOTSUPP, "unknown message type 0x15"),
 }
 STATES = ["fresh", "hello", "ready", "closed_by_us", "closed_by_peer"]
-REQUESTS = {"attach", "read", "write", "flush", "trim", "zeroes", "checksum", "status", "promote"}
+REQUESTS = {
+    "attach", "read", "write", "flush", "trim", "zeroes", "checksum", "status", "promote", "sync"
+}  # fmt: skip
 ALL = set(SAMPLES)
 
 # What is allowed; everything else raises LocalProtocolError when sent and
@@ -461,6 +468,49 @@ def test_promote_is_answered_by_a_reply() -> None:
     client.send(promote)
     with pytest.raises(RemoteProtocolError, match="data bytes"):
         client.receive(prefix(Reply(60, 0, 0), 4), Reply(60, 0, 0))
+
+
+def test_received_comes_once_for_a_write_asking_it_before_its_reply() -> None:
+    pages = ((4096, 0, 1),)
+    asking = WriteRequest(40, 0, 1, 0, 4096, 3, pages, flags=FrameFlags.RECV_ACK)
+    plain = WriteRequest(41, 0, 1, 0, 4096, 3, pages)
+    server, client = server_in("ready"), client_in("ready")
+    for msg in (asking, plain):
+        client.send(msg)
+        assert server.receive(prefix(msg, 4096), msg) == msg
+    outstanding = (client.outstanding, server.outstanding)
+    with pytest.raises(LocalProtocolError, match="no write asking RECV_ACK"):
+        server.send(Received(41, 0))
+    server.send(Received(40, 0))
+    with pytest.raises(LocalProtocolError, match="twice"):
+        server.send(Received(40, 0))
+    assert client.receive(prefix(Received(40, 0)), Received(40, 0)) == Received(40, 0)
+    assert (client.outstanding, server.outstanding) == outstanding  # still in flight
+    with pytest.raises(RemoteProtocolError, match="twice"):
+        client_copy = client_in("ready")
+        client_copy.send(asking)
+        client_copy.receive(prefix(Received(40, 0)), Received(40, 0))
+        client_copy.receive(prefix(Received(40, 0)), Received(40, 0))
+    server.send(Reply(40, 0, 0), data_len=0)
+    assert client.receive(prefix(Reply(40, 0, 0)), Reply(40, 0, 0)) == Reply(40, 0, 0)
+    with pytest.raises(RemoteProtocolError, match="no write asking"):
+        client.receive(prefix(Received(40, 0)), Received(40, 0))  # after its Reply
+    with pytest.raises(RemoteProtocolError, match="no write asking"):
+        client_in("ready").receive(prefix(Received(41, 0)), Received(41, 0))
+
+
+def test_sync_is_answered_by_status_reply_or_an_error() -> None:
+    sync = SyncRequest(70, "vol0", "query", {})
+    for answer in (StatusReply(70, {"dirty": ()}), Reply(70, 0, Errno.EPERM, "no")):
+        server, client = server_in("ready"), client_in("ready")
+        client.send(sync)
+        assert server.receive(prefix(sync), sync) == sync
+        server.send(answer, data_len=0)
+        assert client.receive(prefix(answer), answer) == answer
+    client = client_in("ready")
+    client.send(sync)
+    with pytest.raises(RemoteProtocolError, match="must be an error"):
+        client.receive(prefix(Reply(70, 0, 0)), Reply(70, 0, 0))
 
 
 @pytest.mark.parametrize(
