@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["primary", "secondary"],
         help="this server's role in the pair (with --peer)",
     )
+    p.add_argument(
+        "--protocol",
+        choices=["A", "B", "C"],
+        default="C",
+        help="when a replicated write is acknowledged: C (default) stable on both; B done here "
+        "and received by the peer; A done here and sent. FLUSH/FUA: stable on both, always",
+    )
     _add_security(p)
 
     p = sub.add_parser(
@@ -207,6 +214,7 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         node_id=args.node_id,
         peer=parse_address(args.peer) if args.peer else None,
         role=args.role or "standalone",
+        protocol=args.protocol,
     )
 
 

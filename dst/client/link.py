@@ -32,6 +32,7 @@ from dst.wire import (
     Message,
     Ping,
     Pong,
+    Received,
     Reply,
     StatusReply,
     SyncRequest,
@@ -157,6 +158,8 @@ class Link:
                     await self.framed.read_data_into(views)
                     check_data(prefix, views)
                 self.owner.on_done(cmd, msg)
+            elif isinstance(msg, Received):
+                self.owner.on_received(msg)
             elif isinstance(msg, Ping):
                 await self.send(Pong(token=msg.token))
             else:

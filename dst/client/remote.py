@@ -38,8 +38,10 @@ from dst.security.tls import TlsConfig
 from dst.wire import (
     MAX_PAGE_RUNS,
     FlushRequest,
+    FrameFlags,
     Message,
     ReadRequest,
+    Received,
     Reply,
     TrimRequest,
     WriteRequest,
@@ -81,6 +83,11 @@ class Transaction:
     remaining: int
     done: trio.Event = field(default_factory=trio.Event)
     error: BlockError | None = None
+    #: Replication protocols A and B: set once every command was sent (A) or received by
+    #: the server (B) — or completed, whichever comes first.
+    early: trio.Event | None = None
+    stage: str = ""
+    early_left: int = 0
 
     def finish_one(self, error: BlockError | None) -> None:
         if error is not None and self.error is None:
@@ -88,6 +95,14 @@ class Transaction:
         self.remaining -= 1
         if self.remaining == 0:
             self.done.set()
+
+    def reached(self, cmd: Command) -> None:
+        """``cmd`` reached the early stage (or completed)."""
+        if self.early is not None and not cmd.early_done:
+            cmd.early_done = True
+            self.early_left -= 1
+            if self.early_left == 0:
+                self.early.set()
 
 
 @dataclass(eq=False, slots=True)
@@ -97,6 +112,7 @@ class Command:
     piece: Bio
     txn: Transaction
     generation: int = -1  # the link it was last sent on
+    early_done: bool = False
 
 
 @dataclass(slots=True)
@@ -162,14 +178,17 @@ class RemoteVolume:
         while self._link is None:
             await self._link_changed.wait()
 
-    async def submit(self, bio: Bio) -> None:
+    async def submit(self, bio: Bio, *, early: trio.Event | None = None, stage: str = "") -> None:
+        """Complete ``bio`` on the server.  With ``early``, set that event as soon as the
+        whole bio was handed to the socket (``stage="sent"``) or the server said it received
+        it (``"received"``, writes only) — replication protocols A and B."""
         if self._closed:
             raise closed_error(f"volume {self.config.volume!r}")
         if self._slots is None or (self._link is None and not self.config.resend):
             raise BlockError(errno.ENOTCONN, f"not connected to {self.config.address}")
         validate_bio(bio, self._limits, self._size)
         pieces = split(bio, self._limits)
-        txn = Transaction(len(pieces))
+        txn = Transaction(len(pieces), early=early, stage=stage, early_left=len(pieces))
         tid = next(self._ids)
         self.stats.transactions += 1
         for sub, piece in enumerate(pieces):
@@ -197,6 +216,8 @@ class RemoteVolume:
             return ReadRequest(offset=piece.offset, length=piece.length, pages=pages, **common)
         if piece.op is Op.WRITE:
             pages = page_runs(piece, self.config.page_size)
+            if cmd.txn.stage == "received":
+                flags |= FrameFlags.RECV_ACK
             return WriteRequest(
                 offset=piece.offset,
                 length=piece.length,
@@ -234,6 +255,9 @@ class RemoteVolume:
                 await link.send(self._request(cmd, link), data)
             except (LinkBroken, trio.BrokenResourceError, trio.ClosedResourceError):
                 link.broken("send failed")
+                return
+            if cmd.txn.stage == "sent" or (cmd.txn.stage and cmd.piece.op is not Op.WRITE):
+                cmd.txn.reached(cmd)
             return
 
     def _down_message(self) -> str:
@@ -249,6 +273,7 @@ class RemoteVolume:
         self._slots.release()
         if error is not None:
             self.stats.failed += 1
+        cmd.txn.reached(cmd)
         cmd.txn.finish_one(error)
 
     def _fail_all(self, error: BlockError) -> None:
@@ -259,6 +284,12 @@ class RemoteVolume:
         """Called by the link's reader for each reply; returns the command for a successful
         READ so the reader can receive its data into the command's buffers first."""
         return self._pending.get((reply.tid, reply.sub))
+
+    def on_received(self, msg: Received) -> None:
+        """Protocol B: the server has a write's data (its Reply follows)."""
+        cmd = self._pending.get((msg.tid, msg.sub))
+        if cmd is not None:
+            cmd.txn.reached(cmd)
 
     def on_done(self, cmd: Command, reply: Reply) -> None:
         err = None if reply.errno == 0 else BlockError(reply.errno, reply.message)

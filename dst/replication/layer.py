@@ -43,17 +43,21 @@ from typing import Any
 
 import trio
 
-from dst.block import Bio, Limits, Op, split
+from dst.block import Bio, BioFlags, Limits, Op, split
 from dst.block.layer import BlockLayer
 from dst.client.link import Link, LinkBroken
 from dst.client.remote import RemoteVolume
-from dst.errors import BlockError
+from dst.errors import BlockError, ConfigError
 from dst.replication.activity_log import ActivityLog, ActivityLogFullError
 from dst.replication.sync import ReplicaState, connect_handshake
 from dst.wire import SyncRequest
 
 log = logging.getLogger("dst.replication")
 
+#: DRBD's replication protocols: when a write is acknowledged.  C: done on both sides.
+#: B: done locally and received by the peer.  A: done locally and sent to the peer.
+#: FLUSH, FUA and PREFLUSH mean stable on both under every protocol.
+PROTOCOLS = ("A", "B", "C")
 #: DRBD's segmentation boundary: no request to the peer crosses a multiple of it.
 REPLICATION_BOUNDARY = 32 * 1024
 #: Default resync rate cap, bytes/s: leaves most of a gigabit link and disk to the workload.
@@ -88,7 +92,11 @@ class Replicated:
         *,
         activity_log: ActivityLog | None = None,
         resync_rate: int = DEFAULT_RESYNC_RATE,
+        protocol: str = "C",
     ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"replication protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
+        self.protocol = protocol
         self.local = local
         self.peer = peer
         self.state = state
@@ -110,6 +118,10 @@ class Replicated:
         self._resynced = 0
         self._degraded_writes = 0
         self._degraded_bytes = 0
+        # Protocols A and B: writes finish on the peer after their acknowledgement, in tasks
+        # of this nursery (opened by run_resync); a FLUSH waits for those issued before it.
+        self._behind: trio.Nursery | None = None
+        self._behind_done: set[trio.Event] = set()
 
     @property
     def limits(self) -> Limits:
@@ -150,13 +162,56 @@ class Replicated:
             entry[2].set()
 
     async def _write(self, piece: Bio) -> None:
+        if piece.flags & BioFlags.PREFLUSH:
+            await self._drain_behind()
+        early = self.protocol != "C" and not piece.flags & BioFlags.FUA
+        if not early or self._behind is None:
+            await self._write_through(piece)
+            return
+        ready, done, failed = trio.Event(), trio.Event(), list[BlockError]()
+        self._behind_done.add(done)
+        self._behind.start_soon(self._write_behind, piece, ready, done, failed)
+        await ready.wait()
+        if failed:
+            raise failed[0]
+
+    async def _write_behind(
+        self, piece: Bio, ready: trio.Event, done: trio.Event, failed: list[BlockError]
+    ) -> None:
+        """Protocols A and B: ``ready`` is set once the local write is done and the peer has
+        the request on the wire (A) or in memory (B); the rest — the peer's completion, the
+        bitmap if it fails, the activity log — runs on after the acknowledgement."""
+        try:
+            await self._write_through(piece, ready)
+        except BlockError as exc:
+            failed.append(exc)
+        except trio.Cancelled:
+            # Shutting down with the peer's side unfinished: it may lack an acknowledged
+            # write, which the activity log will not recall after a clean stop.
+            with trio.CancelScope(shield=True):
+                if ready.is_set():
+                    await self.state.before_degraded_ack()
+                    if self.bitmap.mark(piece.offset, piece.length):
+                        await trio.to_thread.run_sync(self.bitmap.flush)
+            raise
+        finally:
+            ready.set()
+            done.set()
+            self._behind_done.discard(done)
+
+    async def _drain_behind(self) -> None:
+        """Wait for every write acknowledged early before now to complete on the peer."""
+        for done in list(self._behind_done):
+            await done.wait()
+
+    async def _write_through(self, piece: Bio, ready: trio.Event | None = None) -> None:
         async with self._locked(piece.offset, piece.offset + piece.length):
             if self.al is None:
-                await self._both(piece)
+                await self._both(piece, ready)
                 return
             await self._al_begin(piece.offset, piece.length)
             try:
-                await self._both(piece)
+                await self._both(piece, ready)
             finally:
                 # Safe now: on both sides, or marked and flushed in the bitmap.
                 self.al.end(piece.offset, piece.length)
@@ -176,32 +231,55 @@ class Replicated:
         if must_commit:
             await trio.to_thread.run_sync(self.al.commit)
 
-    async def _both(self, bio: Bio) -> BlockError | None:
+    async def _both(self, bio: Bio, ready: trio.Event | None = None) -> BlockError | None:
         """Run a bio on both sides; a peer failure degrades (bitmap), a local one fails.
-        Returns the peer's error, if any (for FLUSH, which has no range to degrade)."""
+        Returns the peer's error, if any (for FLUSH, which has no range to degrade).
+        ``ready`` (protocols A and B) is set when the local side succeeded and the peer's
+        side reached its early stage or ended."""
         peer_error: BlockError | None = None
         local_error: BlockError | None = None
+        local_ok, peer_early = False, trio.Event()
+
+        def check_ready() -> None:
+            if ready is not None and local_ok and peer_early.is_set():
+                ready.set()
 
         async def on_peer() -> None:
             nonlocal peer_error
             try:
-                await self.peer.submit(bio)
+                stage = "sent" if self.protocol == "A" else "received"
+                await self.peer.submit(bio, early=peer_early, stage=stage)
             except BlockError as exc:
                 peer_error = exc
+                if ready is not None:  # degrade (bitmap, generation) before the ack
+                    await self._degrade(bio, exc)
+            finally:
+                peer_early.set()
 
         async def on_local() -> None:
-            nonlocal local_error
+            nonlocal local_error, local_ok
             try:
                 await self.local.submit(bio)
+                local_ok = True
+                check_ready()
             except BlockError as exc:
                 local_error = exc
 
+        async def on_early() -> None:
+            await peer_early.wait()
+            check_ready()
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(on_local)
+            if ready is not None:
+                nursery.start_soon(on_early)
             if self.peer.connected:
                 nursery.start_soon(on_peer)
             else:
                 peer_error = BlockError(errno.ENOTCONN, "peer not connected")
+                if ready is not None:
+                    await self._degrade(bio, peer_error)
+                peer_early.set()
         if local_error is not None:
             if peer_error is None and bio.op is not Op.FLUSH:
                 # The bio fails, but the peer may hold it and we may not: mark the range so a
@@ -212,7 +290,8 @@ class Replicated:
         if bio.op is Op.FLUSH:
             return peer_error
         if peer_error is not None:
-            await self._degrade(bio, peer_error)
+            if ready is None:
+                await self._degrade(bio, peer_error)
         else:
             self._note_unflushed(bio)
         return peer_error
@@ -221,6 +300,7 @@ class Replicated:
         """FLUSH both sides.  Writes the peer completed before a FLUSH that then fails on the
         peer may be lost to it by a power cut: they are marked out of sync, durably, before
         the FLUSH is acknowledged."""
+        await self._drain_behind()  # protocols A, B: writes acknowledged before this FLUSH
         unflushed, overflow = self._unflushed, self._unflushed_overflow
         self._unflushed, self._unflushed_overflow = set(), False
         try:
@@ -280,14 +360,20 @@ class Replicated:
 
     async def run_resync(self) -> None:
         """Forever: when the peer is connected and extents are dirty, copy them over; when
-        none are left, end the resync in the generation ids of both sides."""
-        while True:
-            await self.peer.wait_connected()
-            if self.bitmap.dirty_bytes:
-                await self._resync_pass()
-            if not self.bitmap.dirty_bytes and self.state.needs_finish:
-                await self._finish_resync()
-            await trio.sleep(0.2)
+        none are left, end the resync in the generation ids of both sides.  Also holds the
+        tasks that finish protocol A and B writes after their acknowledgement."""
+        async with trio.open_nursery() as behind:
+            self._behind = behind
+            try:
+                while True:
+                    await self.peer.wait_connected()
+                    if self.bitmap.dirty_bytes:
+                        await self._resync_pass()
+                    if not self.bitmap.dirty_bytes and self.state.needs_finish:
+                        await self._finish_resync()
+                    await trio.sleep(0.2)
+            finally:
+                self._behind = None
 
     async def _finish_resync(self) -> None:
         """The source's step, persisted, then the target adopts our tuple (sync.py)."""

@@ -56,6 +56,8 @@ class ServerConfig:
     #: Replication: the other server, and this one's role for the volumes.
     peer: Address | None = None
     role: str = "standalone"  # "primary" | "secondary" | "standalone"
+    #: When a replicated write is acknowledged (dst/replication/layer.py PROTOCOLS).
+    protocol: str = "C"
 
 
 class Server:
@@ -90,7 +92,7 @@ class Server:
                 self.config.data_dir, name, size, limits=self.limits, replica=replica
             )
             if self.role == "primary":
-                volume.become_primary(self._peer_link(name))
+                volume.become_primary(self._peer_link(name), self.config.protocol)
             self.volumes[name] = volume
             log.info(
                 "volume=%s size=%d epoch=%d path=%s event=opened",
@@ -133,7 +135,7 @@ class Server:
                     "(promote with force to accept that)",
                 )
             await state.update(state.generations.declare_survivor())
-        replicated = volume.become_primary(self._peer_link(name))
+        replicated = volume.become_primary(self._peer_link(name), self.config.protocol)
         await self._nursery.start(replicated.peer.run, None)
         self._nursery.start_soon(replicated.run_resync)
         self.role = "primary"

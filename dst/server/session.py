@@ -38,6 +38,7 @@ from dst.wire import (
     ChecksumRequest,
     Connection,
     FlushRequest,
+    FrameFlags,
     Goodbye,
     Hello,
     Message,
@@ -45,6 +46,7 @@ from dst.wire import (
     Pong,
     PromoteRequest,
     ReadRequest,
+    Received,
     Reply,
     StatusReply,
     StatusRequest,
@@ -225,6 +227,9 @@ class Session:
                     except BaseException:
                         pages.release()
                         raise
+                    if msg.flags & FrameFlags.RECV_ACK:  # protocol B: "it is here"
+                        self.server.stats["received_acks"] += 1
+                        await self.send(Received(tid=msg.tid, sub=msg.sub))
                 elif isinstance(msg, ReadRequest):
                     max_bytes = self.server.limits.max_bytes
                     if msg.length > max_bytes:
@@ -433,4 +438,6 @@ def _bio_for(msg: DataRequest, pages: Pages | None) -> Bio:
     segments: tuple[Segment, ...] = ()
     if pages is not None:
         segments = tuple(Segment(v, 0, len(v)) for v in pages.views)
-    return Bio(op, msg.offset, msg.length, segments, BioFlags(msg.flags))
+    # RECV_ACK is about the wire (answered by the read loop), not the block request.
+    flags = BioFlags(msg.flags & ~FrameFlags.RECV_ACK)
+    return Bio(op, msg.offset, msg.length, segments, flags)

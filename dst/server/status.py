@@ -43,6 +43,7 @@ def _volume(server: Server, volume: Volume) -> dict[str, StatusValue]:
     if rep is not None:
         s = rep.statistics()
         doc["connection"] = "connected" if s.peer_connected else "disconnected"
+        doc["protocol"] = rep.protocol
         doc["disk"] = "up-to-date"
         doc["peer_disk"] = "up-to-date" if s.out_of_sync_bytes == 0 else "outdated"
         doc["out_of_sync_bytes"] = s.out_of_sync_bytes

@@ -169,10 +169,12 @@ class Volume:
             )
         self.state = ReplicaState(generations, self._persist_generations, bitmap)
 
-    def become_primary(self, peer: RemoteVolume) -> Replicated:
+    def become_primary(self, peer: RemoteVolume, protocol: str = "C") -> Replicated:
         """Stack Replicated(FileStore, peer) on this replica: it takes writes from now on."""
         assert self.state is not None and self.al is not None, "not opened as a replica"
-        self.replicated = Replicated(self.store, peer, self.state, activity_log=self.al)
+        self.replicated = Replicated(
+            self.store, peer, self.state, activity_log=self.al, protocol=protocol
+        )
         self.layer = self.replicated
         return self.replicated
 

@@ -37,6 +37,7 @@ async def running_server(
     peer: Address | None = None,
     role: str = "standalone",
     node_id: str = "test-server",
+    protocol: str = "C",
 ) -> AsyncIterator[Server]:
     config = ServerConfig(
         data_dir=data_dir,
@@ -50,6 +51,7 @@ async def running_server(
         node_id=node_id,
         peer=peer,
         role=role,
+        protocol=protocol,
     )
     server = Server(config)
     async with trio.open_nursery() as nursery:

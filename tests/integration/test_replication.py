@@ -39,7 +39,9 @@ VOLUME = (("vol0", 64 * MiB),)
 
 
 @asynccontextmanager
-async def running_pair(tmp_path: Path) -> AsyncIterator[tuple[Server, Server, Address, Address]]:
+async def running_pair(
+    tmp_path: Path, protocol: str = "C"
+) -> AsyncIterator[tuple[Server, Server, Address, Address]]:
     """An in-process replicated pair, its replication link up: (primary, secondary, their
     addresses)."""
     async with running_server(
@@ -47,7 +49,11 @@ async def running_pair(tmp_path: Path) -> AsyncIterator[tuple[Server, Server, Ad
     ) as secondary:
         assert secondary.listen_address is not None
         async with running_server(
-            tmp_path / "primary", VOLUME, peer=secondary.listen_address, role="primary"
+            tmp_path / "primary",
+            VOLUME,
+            peer=secondary.listen_address,
+            role="primary",
+            protocol=protocol,
         ) as primary:
             rep = primary.volumes["vol0"].replicated
             assert rep is not None and primary.listen_address is not None
@@ -120,8 +126,9 @@ async def test_clients_cannot_write_to_a_secondary(tmp_path: Path) -> None:
         assert info.value.errno == errno.EROFS
 
 
+@pytest.mark.parametrize("protocol", ["C", "B", "A"])
 async def test_secondary_killed_under_load_is_resynced_with_dirty_extents_only(
-    tmp_path: Path,
+    tmp_path: Path, protocol: str
 ) -> None:
     rng = random.Random(2)
     pport = free_port()
@@ -138,7 +145,12 @@ async def test_secondary_killed_under_load_is_resynced_with_dirty_extents_only(
     try:
         sec.start()
         async with running_server(
-            tmp_path / "primary", VOLUME, peer=sec.address, role="primary", node_id="primary"
+            tmp_path / "primary",
+            VOLUME,
+            peer=sec.address,
+            role="primary",
+            node_id="primary",
+            protocol=protocol,
         ) as primary:
             rep = primary.volumes["vol0"].replicated
             assert rep is not None and primary.listen_address is not None
