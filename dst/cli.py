@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="the bridge's page size (segments of the bios it builds)",
     )
+    p.add_argument(
+        "--takeover",
+        action="store_true",
+        help="claim the volume even while another bridge holds it (it may be partitioned or "
+        "paused): the epoch moves on and every later write of the old owner is refused",
+    )
     p.add_argument("--node-id", default="", help="name in logs and handshakes")
     _add_security(p)
 
@@ -188,14 +194,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run_until_signal(main: Callable[[trio.Nursery], Awaitable[None]]) -> None:
+async def _run_until_signal(
+    main: Callable[[trio.Nursery], Awaitable[None]], stop: trio.Event | None = None
+) -> None:
+    """Run ``main`` until SIGINT/SIGTERM.  With ``stop``, the signal sets it and ``main`` ends
+    gracefully on its own (a bridge releasing its volume); a second signal cancels."""
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            nursery.start_soon(main, nursery)
+
+            async def run_main() -> None:
+                await main(nursery)
+                if stop is not None:  # ended gracefully: nothing left to wait for
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run_main)
             async for signum in signals:
                 log.info("event=stopping signal=%s", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+                if stop is None or stop.is_set():
+                    nursery.cancel_scope.cancel()
+                    break
+                stop.set()
 
 
 def _serve_config(args: argparse.Namespace) -> ServerConfig:
@@ -243,13 +261,23 @@ def cmd_nbd(args: argparse.Namespace) -> int:
         page_size=args.page_size,
         tls=tls,
         node_id=args.node_id,
+        claim="takeover" if args.takeover else "own",
     )
 
-    async def main(nursery: trio.Nursery) -> None:
-        address = await nursery.start(run_bridge, config)
-        print(f"dst nbd: nbd://{address}/{config.volume}", flush=True)
+    stop = trio.Event()
 
-    trio.run(_run_until_signal, main)
+    async def main(nursery: trio.Nursery) -> None:
+        done = trio.Event()
+
+        async def bridge(task_status: trio.TaskStatus[Address]) -> None:
+            await run_bridge(config, stop=stop, task_status=task_status)
+            done.set()
+
+        address = await nursery.start(bridge)
+        print(f"dst nbd: nbd://{address}/{config.volume}", flush=True)
+        await done.wait()
+
+    trio.run(_run_until_signal, main, stop)
     return 0
 
 

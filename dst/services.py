@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from dst.client import open_remote
+from dst.fence.handoff import Handoff
 from dst.nbd.bridge import NbdExport, serve_nbd
 from dst.net.endpoints import Address
 from dst.security.tls import TlsConfig
@@ -32,12 +34,22 @@ class BridgeConfig:
     page_size: int = 4096
     tls: TlsConfig | None = None
     node_id: str = ""
+    #: "own": attach when the volume is free (or its previous owner is gone); "takeover":
+    #: whatever holds it — the old owner's later writes are refused (dst/fence).
+    claim: str = "own"
+    #: How long an "own" claim waits for the previous owner to let go (EBUSY meanwhile).
+    claim_wait_s: float = 10.0
 
 
 async def run_bridge(
-    config: BridgeConfig, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
+    config: BridgeConfig,
+    *,
+    stop: trio.Event | None = None,
+    task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``config.volume`` over NBD until cancelled; ``task_status`` gets the address."""
+    """Serve ``config.volume`` over NBD; ``task_status`` gets the address.  Runs until
+    cancelled, or until ``stop`` is set: then it releases the volume gracefully (finishes what
+    is under way, FLUSHes, detaches — dst/fence/handoff.py) and returns."""
     async with open_remote(
         config.servers,
         config.volume,
@@ -45,19 +57,33 @@ async def run_bridge(
         role="bridge",
         node_id=config.node_id,
         page_size=config.page_size,
+        claim=config.claim,
+        claim_wait_s=config.claim_wait_s,
     ) as volume:
         # Every NBD connection shares this one stack, and a FLUSH reaches the server's
         # fdatasync, which covers every write any connection had acknowledged: so a flush on
         # one connection covers all of them, which is what CAN_MULTI_CONN promises.
-        export = NbdExport(config.volume, volume, multi_conn=True)
-        log.info("volume=%s size=%d event=attached", config.volume, volume.size)
-        await serve_nbd(
-            config.listen,
-            [export],
-            tls=config.tls,
-            page_size=config.page_size,
-            task_status=task_status,
+        handoff = Handoff(volume, config.volume)
+        export = NbdExport(config.volume, handoff, multi_conn=True)
+        log.info(
+            "volume=%s size=%d epoch=%d claim=%s event=attached",
+            config.volume,
+            volume.size,
+            volume.epoch,
+            config.claim,
         )
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(
+                partial(
+                    serve_nbd, config.listen, [export], tls=config.tls, page_size=config.page_size
+                )
+            )
+            task_status.started(address)
+            if stop is None:
+                await trio.sleep_forever()
+            await stop.wait()
+            await handoff.release()
+            nursery.cancel_scope.cancel()
 
 
 async def run_up(

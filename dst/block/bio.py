@@ -102,6 +102,9 @@ class Bio:
     length: int
     segments: tuple[Segment, ...] = ()
     flags: BioFlags = BioFlags.NONE
+    #: The volume epoch a write was issued under (the Fence layer checks it); 0 for requests
+    #: that no owner issued — reads, resync copies, a replication peer's writes.
+    epoch: int = 0
 
     @classmethod
     def from_buffer(

@@ -148,8 +148,7 @@ def split(bio: Bio, limits: Limits) -> list[Bio]:
                 cursor.give_back(out, excess)
                 want = taken - excess
             segments = tuple(out)
-        pieces.append(
-            Bio(bio.op, position, want, segments, _piece_flags(bio.flags, first=not pieces))
-        )
+        flags = _piece_flags(bio.flags, first=not pieces)
+        pieces.append(Bio(bio.op, position, want, segments, flags, bio.epoch))
         position += want
     return pieces

@@ -193,12 +193,15 @@ async def open_link(
     generation: int,
     tid: int,
     owner: RemoteVolume,
+    claim: str = "share",
+    epoch: int = 0,
 ) -> Link:
     framed, _server_role = await connect(address, tls)
     try:
         with trio.fail_after(SETUP_TIMEOUT_S):
             conn, welcome = await handshake(framed, role=role, node_id=node_id, page_size=page_size)
-            attached = await request(framed, conn, Attach(tid=tid, volume=volume), Attached)
+            attach = Attach(tid=tid, volume=volume, epoch=epoch, claim=claim)
+            attached = await request(framed, conn, attach, Attached)
     except BaseException:
         await trio.aclose_forcefully(framed.stream)
         raise

@@ -31,7 +31,7 @@ import trio
 from dst.block import Bio, Limits, Op, split, validate_bio
 from dst.block.layer import closed_error
 from dst.client.link import Link, LinkBroken, open_link
-from dst.errors import BlockError, ConfigError, ProtocolError
+from dst.errors import BlockError, ConfigError, FencedError, ProtocolError
 from dst.net.convert import page_runs
 from dst.net.endpoints import Address
 from dst.security.tls import TlsConfig
@@ -76,6 +76,9 @@ class RemoteConfig:
     # the volume is primary — a secondary refuses the attach with EROFS — and after a
     # failover follows it to the other server.
     alternates: tuple[Address, ...] = ()
+    #: How the first attach claims the volume (dst/fence/claims.py): "share", "own" (a
+    #: bridge) or "takeover".  Reconnects claim "own" at the epoch already held.
+    claim: str = "share"
 
 
 @dataclass(eq=False, slots=True)
@@ -147,6 +150,9 @@ class RemoteVolume:
         self._giving_up = False
         self._slots: trio.Semaphore | None = None
         self._closed = False
+        #: The epoch this volume was granted, and why it was fenced (then nothing is sent).
+        self.epoch = 0
+        self.fenced = ""
         self.stats = RemoteStatistics()
         #: Run on each new link before it carries a request (the replication handshake);
         #: raising BlockError refuses the link, which is retried like a failed connect.
@@ -184,6 +190,8 @@ class RemoteVolume:
         it (``"received"``, writes only) — replication protocols A and B."""
         if self._closed:
             raise closed_error(f"volume {self.config.volume!r}")
+        if self.fenced:
+            raise FencedError(self.fenced)
         if self._slots is None or (self._link is None and not self.config.resend):
             raise BlockError(errno.ENOTCONN, f"not connected to {self.config.address}")
         validate_bio(bio, self._limits, self._size)
@@ -292,8 +300,28 @@ class RemoteVolume:
             cmd.txn.reached(cmd)
 
     def on_done(self, cmd: Command, reply: Reply) -> None:
-        err = None if reply.errno == 0 else BlockError(reply.errno, reply.message)
+        if reply.errno == errno.ESTALE and cmd.piece.op is not Op.READ:
+            self._fence(reply.message)
+            err: BlockError | None = FencedError(reply.message)
+        else:
+            err = None if reply.errno == 0 else BlockError(reply.errno, reply.message)
         self._complete(cmd, err)
+
+    def _fence(self, why: str) -> None:
+        """Another owner took the volume over: fail everything now and later, never retry."""
+        if self.fenced:
+            return
+        self.fenced = why
+        log.error(
+            "volume=%s epoch=%d event=fenced reason=%r: failing %d pending requests",
+            self.config.volume,
+            self.epoch,
+            why,
+            len(self._pending),
+        )
+        self._fail_all(FencedError(f"fenced: {why}"))
+        if self._link is not None:
+            self._link.broken("fenced")
 
     # -- the connection supervisor ---------------------------------------------------------
 
@@ -320,7 +348,17 @@ class RemoteVolume:
                     generation=self._generation,
                     tid=next(self._ids),
                     owner=self,
+                    claim=self._claim(),
+                    epoch=self.epoch,
                 )
+            except BlockError as exc:
+                if exc.errno == errno.ESTALE:
+                    self._fence(str(exc))
+                    raise
+                # A secondary's EROFS only says "not here"; another server's reason is news.
+                if error is None or getattr(error, "errno", None) == errno.EROFS:
+                    error = exc
+                continue
             except CONNECT_ERRORS as exc:
                 error = exc
                 continue
@@ -330,7 +368,13 @@ class RemoteVolume:
         assert error is not None
         raise error
 
+    def _claim(self) -> str:
+        if self.config.claim == "share" or not self.epoch:
+            return self.config.claim
+        return "own"  # a reconnect: keep the epoch already granted
+
     def _adopt(self, link: Link) -> None:
+        self.epoch = link.epoch
         limits = self.own_limits.stack(link.limits)
         if self._size and (link.size != self._size or limits != self._limits):
             log.warning(
@@ -353,7 +397,7 @@ class RemoteVolume:
             if link is not None:
                 refusal = await self._run_link(link)
                 link = None
-                if self._closed:
+                if self._closed or self.fenced:
                     return
                 if refusal is None:
                     failures = 0
@@ -375,6 +419,8 @@ class RemoteVolume:
                     "connected" if first_ever else "reconnected",
                 )
             except CONNECT_ERRORS as exc:
+                if self.fenced:
+                    return
                 failures += 1
                 # The first failure is news; a peer retrying for hours should not flood the log.
                 level = logging.WARNING if failures == 1 or failures % 60 == 0 else logging.DEBUG
@@ -447,12 +493,16 @@ async def open_remote(
     max_retries: int = 20,
     keepalive_s: float = 2.0,
     dead_after_s: float = 10.0,
+    claim: str = "share",
+    claim_wait_s: float = 0.0,
 ) -> AsyncIterator[RemoteVolume]:
     """Connect to ``address``, attach ``volume`` and yield it as a block layer.
 
     ``address`` may list several servers (a replicated pair): the volume is attached where it
-    is primary.  The first connection must succeed (so size and limits are known); later
-    outages are ridden out as the module docstring describes.
+    is primary.  ``claim`` is how the attach claims the volume (dst/fence/claims.py); an
+    ``own`` claim refused because another node holds the volume is retried for up to
+    ``claim_wait_s`` seconds.  The first connection must otherwise succeed (so size and limits
+    are known); later outages are ridden out as the module docstring describes.
     """
     from dst.net.endpoints import parse_address
 
@@ -473,9 +523,20 @@ async def open_remote(
         keepalive_s,
         dead_after_s,
         alternates=tuple(servers[1:]),
+        claim=claim,
     )
     remote = RemoteVolume(config)
-    first = await remote._connect()
+    deadline = trio.current_time() + claim_wait_s
+    while True:
+        try:
+            first = await remote._connect()
+            break
+        except BlockError as exc:
+            # Another owner holds the volume: wait (a bit) for it to let go.
+            if exc.errno != errno.EBUSY or trio.current_time() >= deadline:
+                raise
+            log.info("volume=%s event=claim_waiting reason=%r", volume, str(exc))
+            await trio.sleep(0.2)
     remote._adopt(first)
     async with trio.open_nursery() as nursery:
         await nursery.start(remote.run, first)

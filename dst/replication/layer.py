@@ -358,6 +358,16 @@ class Replicated:
         msg = SyncRequest(self.peer.new_tid(), self.peer.config.volume, action, state)
         return (await link.call(msg)).status
 
+    async def share_epoch(self, epoch: int) -> None:
+        """Tell the peer about a takeover's epoch; if it is away, the next handshake does."""
+        link = self.peer.link
+        if link is None:
+            return
+        try:
+            await self._sync(link, "epoch", {"epoch": epoch})
+        except (BlockError, LinkBroken) as exc:
+            log.warning("event=epoch_not_shared epoch=%d reason=%r", epoch, str(exc))
+
     async def run_resync(self) -> None:
         """Forever: when the peer is connected and extents are dirty, copy them over; when
         none are left, end the resync in the generation ids of both sides.  Also holds the

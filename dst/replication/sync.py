@@ -71,6 +71,19 @@ class ReplicaState:
         self.split_brain = False
         self._lock = trio.Lock()
         self._finishing = False
+        self.current_epoch: Callable[[], int] = lambda: 0
+        self._advance_epoch: Callable[[int], Awaitable[int]] | None = None
+
+    def epoch_hooks(
+        self, current: Callable[[], int], advance: Callable[[int], Awaitable[int]]
+    ) -> None:
+        """The volume's fence: both servers of a pair keep the highest epoch either saw."""
+        self.current_epoch, self._advance_epoch = current, advance
+
+    async def learn_epoch(self, given: Mapping[str, Any]) -> None:
+        epoch = given.get("epoch")
+        if isinstance(epoch, int) and epoch > self.current_epoch() and self._advance_epoch:
+            await self._advance_epoch(epoch)
 
     async def update(self, new: Generations) -> None:
         """Persist ``new`` (atomically, fsync'ed) and then make it current."""
@@ -104,19 +117,28 @@ class ReplicaState:
         g = self.generations
         return g.tracking or g.crashed_primary or self.peer_needs_adopt
 
+    def describe_all(self) -> dict[str, Any]:
+        return {"generations": self.generations.to_json(), "dirty": (), "dirty_all": True}
+
     def describe(self) -> dict[str, Any]:
         """This node's side of the exchange (a SyncRequest's answer, and ``dst status``)."""
         runs: list[tuple[int, int]] = []
         for offset, length in self.bitmap.dirty_extents():
             if len(runs) == MAX_DIRTY_RUNS:
-                return {"generations": self.generations.to_json(), "dirty": (), "dirty_all": True}
+                return {**self.describe_all(), "epoch": self.current_epoch()}
             runs.append((offset, length))
-        return {"generations": self.generations.to_json(), "dirty": tuple(runs), "dirty_all": False}
+        return {
+            "generations": self.generations.to_json(),
+            "dirty": tuple(runs),
+            "dirty_all": False,
+            "epoch": self.current_epoch(),
+        }
 
 
 async def answer(state: ReplicaState, action: str, given: Mapping[str, Any]) -> dict[str, Any]:
     """The secondary's side of a SyncRequest from its primary (``query``, ``target``,
-    ``adopt``); BlockError(EINVAL) names a bad field."""
+    ``adopt``, ``epoch``); BlockError(EINVAL) names a bad field."""
+    await state.learn_epoch(given)
     if action in ("target", "adopt"):
         source = _generations(given)
         try:
@@ -158,7 +180,9 @@ async def connect_handshake(state: ReplicaState, call: Call) -> None:
     """The primary's side, run on every new replication link before it takes writes.
     Raises BlockError to refuse the link (split brain, a newer peer)."""
     local = state.generations
-    peer_answer = await call("query", {"generations": local.to_json()})
+    asked = {"generations": local.to_json(), "epoch": state.current_epoch()}
+    peer_answer = await call("query", asked)
+    await state.learn_epoch(peer_answer)  # a takeover the peer saw while we were apart
     peer = _generations(peer_answer)
     verdict = compare(local, peer)
     verdict = _resolve(state, local, peer, verdict)

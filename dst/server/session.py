@@ -24,7 +24,8 @@ import crc32c
 import trio
 
 from dst.block import Bio, BioFlags, Op, Segment, validate_bio
-from dst.errors import BlockError, ProtocolError
+from dst.errors import BlockError, FencedError, ProtocolError
+from dst.fence.replay import ReplayWindow
 from dst.net.convert import limits_to_wire
 from dst.net.framed import FramedStream, describe
 from dst.replication.peer import REPLICATION_NODE_SUFFIX
@@ -93,6 +94,8 @@ class Session:
         self.node = "?"
         self.role = "?"
         self.handles: dict[int, Volume] = {}
+        self.claimed: list[Volume] = []  # volumes this session holds as their owner
+        self.replays = ReplayWindow()
         self.slots = trio.Semaphore(server.max_inflight)
 
     async def send(self, msg: Message, data: list[memoryview] | None = None) -> None:
@@ -113,6 +116,8 @@ class Session:
                     await self._read_loop(nursery)
             finally:
                 self.server.sessions[self.role] -= 1
+                for volume in self.claimed:
+                    volume.ownership.release(self.node)
                 # Clean EOF: requests already running finish and answer before we close.
         except* ProtocolError as group:
             reason = "; ".join(str(e) for e in group.exceptions)
@@ -378,6 +383,14 @@ class Session:
                 )
             )
             return
+        claim = msg.claim if self.role != "replica" else "share"
+        try:
+            epoch = await volume.ownership.claim(self.node, claim, msg.epoch)
+        except BlockError as exc:
+            await self._answer(msg.tid, 0, exc.errno, str(exc))
+            return
+        if claim != "share":
+            self.claimed.append(volume)
         handle = next((h for h, v in self.handles.items() if v is volume), None)
         if handle is None:
             handle = len(self.handles) + 1
@@ -387,11 +400,18 @@ class Session:
                 tid=msg.tid,
                 handle=handle,
                 size=volume.size,
-                epoch=volume.epoch,
+                epoch=epoch,
                 limits=limits_to_wire(volume.limits),
             )
         )
-        log.info("peer=%s node=%s volume=%s event=attached", self.peer, self.node, volume.name)
+        log.info(
+            "peer=%s node=%s volume=%s claim=%s epoch=%d event=attached",
+            self.peer,
+            self.node,
+            volume.name,
+            claim,
+            epoch,
+        )
 
     async def _run_request(self, msg: DataRequest, pages: Pages | None) -> None:
         stats = self.server.stats
@@ -400,17 +420,26 @@ class Session:
             try:
                 if volume is None:
                     raise BlockError(errno.EBADF, f"handle {msg.handle} is not attached")
-                bio = _bio_for(msg, pages)
+                # The Fence checks an owner's epoch; a replication peer's writes come fenced
+                # by its primary already (epoch 0 passes), and a client's 0 is just old.
+                epoch = 0
                 if isinstance(msg, WriteRequest | TrimRequest | WriteZeroesRequest):
-                    if msg.epoch < volume.epoch:
-                        stats["stale_writes"] += 1
+                    if not self.replays.admit(msg.tid, msg.sub):
+                        stats["replayed_writes"] += 1
                         raise BlockError(
-                            errno.ESTALE,
-                            f"epoch {msg.epoch} is older than volume epoch {volume.epoch}",
+                            errno.EALREADY,
+                            f"write (tid {msg.tid}, sub {msg.sub}) was already applied on "
+                            "this connection: a replay is not applied again",
                         )
+                    epoch = msg.epoch if self.role != "replica" else 0
+                    if self.role != "replica" and msg.epoch == 0:
+                        raise FencedError(f"epoch 0 is older than volume epoch {volume.epoch}")
+                bio = _bio_for(msg, pages, epoch)
                 validate_bio(bio, volume.limits, volume.size)
                 await volume.layer.submit(bio)
             except BlockError as exc:
+                if isinstance(exc, FencedError):
+                    stats["stale_writes"] += 1
                 stats["errors"] += 1
                 await self._reply(
                     Reply(tid=msg.tid, sub=msg.sub, errno=exc.errno, message=str(exc))
@@ -431,7 +460,7 @@ def data_crc_continue(crc: int, views: list[memoryview]) -> int:
     return crc
 
 
-def _bio_for(msg: DataRequest, pages: Pages | None) -> Bio:
+def _bio_for(msg: DataRequest, pages: Pages | None, epoch: int = 0) -> Bio:
     op = OPS[type(msg)]
     if isinstance(msg, FlushRequest):
         return Bio(Op.FLUSH, 0, 0, (), BioFlags(msg.flags))
@@ -440,4 +469,4 @@ def _bio_for(msg: DataRequest, pages: Pages | None) -> Bio:
         segments = tuple(Segment(v, 0, len(v)) for v in pages.views)
     # RECV_ACK is about the wire (answered by the read loop), not the block request.
     flags = BioFlags(msg.flags & ~FrameFlags.RECV_ACK)
-    return Bio(op, msg.offset, msg.length, segments, flags)
+    return Bio(op, msg.offset, msg.length, segments, flags, epoch)

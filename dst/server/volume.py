@@ -21,13 +21,19 @@ import json
 import logging
 import os
 import re
+import threading
 import uuid
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
+
+import trio
 
 from dst.block import BlockLayer, FileStore, Limits
 from dst.client.remote import RemoteVolume
 from dst.errors import ConfigError
+from dst.fence import Fence, Ownership
 from dst.replication.activity_log import ActivityLog
 from dst.replication.bitmap import DirtyBitmap
 from dst.replication.generations import Generations
@@ -86,8 +92,12 @@ class Volume:
     def __init__(self, data_dir: Path, meta: VolumeMeta, store: BlockLayer) -> None:
         self.data_dir = data_dir
         self.meta = meta
+        self._meta_lock = threading.Lock()
         self.store = store
-        self.layer: BlockLayer = store
+        #: The top of the stack: no write of an older epoch passes (dst/fence).
+        self.fence = Fence(store, meta.epoch, self._persist_epoch, name=meta.name)
+        self.ownership = Ownership(self.fence, meta.name)
+        self.layer: BlockLayer = self.fence
         #: On either server of a replicated pair: generations, bitmap, handshake verdict.
         self.state: ReplicaState | None = None
         self.al: ActivityLog | None = None
@@ -104,7 +114,7 @@ class Volume:
 
     @property
     def epoch(self) -> int:
-        return self.meta.epoch
+        return self.fence.epoch
 
     @property
     def limits(self) -> Limits:
@@ -168,6 +178,7 @@ class Volume:
                 sum(length for _, length in recovered),
             )
         self.state = ReplicaState(generations, self._persist_generations, bitmap)
+        self.state.epoch_hooks(lambda: self.fence.epoch, self.fence.advance)
 
     def become_primary(self, peer: RemoteVolume, protocol: str = "C") -> Replicated:
         """Stack Replicated(FileStore, peer) on this replica: it takes writes from now on."""
@@ -175,13 +186,26 @@ class Volume:
         self.replicated = Replicated(
             self.store, peer, self.state, activity_log=self.al, protocol=protocol
         )
-        self.layer = self.replicated
+        self.fence.below = self.replicated
         return self.replicated
 
+    async def _persist_epoch(self, epoch: int) -> None:
+        """A takeover's epoch: in the metadata here, then on the replication peer (which
+        otherwise learns it at the next handshake)."""
+        await trio.to_thread.run_sync(partial(self._update_meta, epoch=epoch))
+        if self.replicated is not None:
+            await self.replicated.share_epoch(epoch)
+
     def _persist_generations(self, generations: Generations) -> None:
-        meta = replace(self.meta, generations=generations)
-        write_meta_atomically(self.meta_path, meta)
-        self.meta = meta
+        self._update_meta(generations=generations)
+
+    def _update_meta(self, **changes: Any) -> None:
+        """Replace fields of the metadata file, one writer at a time (threads persist the
+        epoch and the generation ids concurrently)."""
+        with self._meta_lock:
+            meta = replace(self.meta, **changes)
+            write_meta_atomically(self.meta_path, meta)
+            self.meta = meta
 
     async def aclose(self) -> None:
         await self.layer.aclose()

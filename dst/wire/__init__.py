@@ -39,6 +39,7 @@ from dst.wire.connection import (
     choose_version,
 )
 from dst.wire.messages import (
+    CLAIMS,
     MSG_TYPE_OF,
     REQUEST_TYPES,
     SYNC_ACTIONS,
@@ -97,6 +98,7 @@ from dst.wire.rules import (
 
 __all__ = [
     "ALLOWED_FLAGS",
+    "CLAIMS",
     "CHECKSUM_LENGTH_ALIGN",
     "CHECKSUM_SIZE",
     "FRAME_VERSION",

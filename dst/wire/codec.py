@@ -123,7 +123,7 @@ Fields = tuple[tuple[str, str, str], ...]
 WIRE_KEYS: dict[MsgType, tuple[Callable[..., Message], Fields]] = {
     MsgType.HELLO: (m.Hello, (("versions", "v", PAIR), *_HS)),
     MsgType.WELCOME: (m.Welcome, (("version", "v", INT), *_HS)),
-    MsgType.ATTACH: (m.Attach, (_TID, _VOLUME, _EPOCH)),
+    MsgType.ATTACH: (m.Attach, (_TID, _VOLUME, _EPOCH, ("claim", "c", STR))),
     MsgType.ATTACHED: (
         m.Attached,
         (_TID, ("handle", "h", INT), ("size", "sz", INT), _EPOCH, _HS[3]),

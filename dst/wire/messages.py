@@ -80,6 +80,7 @@ class Errno(enum.IntEnum):
     EOPNOTSUPP = 95
     ESHUTDOWN = 108
     ETIMEDOUT = 110
+    EALREADY = 114
     ESTALE = 116
 
 
@@ -148,11 +149,16 @@ class Welcome:
         object.__setattr__(self, "limits", _frozen_limits(self.limits))
 
 
+#: How an Attach claims its volume (PROTOCOL.md section 9).
+CLAIMS = ("share", "own", "takeover")
+
+
 @dataclass(frozen=True, slots=True)
 class Attach:
     tid: int
     volume: str
-    epoch: int = 0  # 0: whatever epoch is current
+    epoch: int = 0  # 0: whatever epoch is current (share) / a new claim (own)
+    claim: str = "share"  # one of CLAIMS
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +305,7 @@ class ChecksumRequest:
 
 
 #: What a SyncRequest may ask (PROTOCOL.md, Administration).
-SYNC_ACTIONS = ("query", "target", "adopt", "resolve")
+SYNC_ACTIONS = ("query", "target", "adopt", "epoch", "resolve")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 from dst.errors import ProtocolError
 from dst.wire.messages import (
+    CLAIMS,
     REQUEST_TYPES,
     SYNC_ACTIONS,
     Attach,
@@ -331,6 +332,8 @@ def validate(msg: Message) -> None:
         _uint("tid", msg.tid, U64_MAX)
         _text("volume", msg.volume, MAX_VOLUME_NAME_LEN, name_like=True)
         _uint("epoch", msg.epoch, U64_MAX)
+        if msg.claim not in CLAIMS:
+            raise FieldError("claim", msg.claim, f"must be one of {', '.join(CLAIMS)}")
     elif isinstance(msg, Attached):
         _uint("tid", msg.tid, U64_MAX)
         _uint("handle", msg.handle, U32_MAX)

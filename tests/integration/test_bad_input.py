@@ -313,3 +313,28 @@ async def test_checksums_per_extent_and_promote_refused_when_standalone(tmp_path
         reply = await peer.reply()
         assert (reply.tid, reply.errno) == (73, errno.EINVAL)
         assert "standalone" in reply.message
+
+
+async def test_a_replayed_write_is_not_applied_after_a_newer_one(tmp_path: Path) -> None:
+    """Within a connection, a write frame that comes back after its answer (a duplicate or a
+    replay) is refused with EALREADY and does not overwrite the newer write."""
+    async with running_server(tmp_path) as server:
+        addr: Address = server.listen_address  # type: ignore[assignment]
+        async with raw(addr) as peer:
+            h = await peer.handshake()
+
+            def write(tid: int) -> WriteRequest:
+                pages = ((4096, 0, 1),)
+                return WriteRequest(tid, 0, h, 0, 4096, 1, pages)
+
+            old = write(7)
+            for msg, data in ((old, b"o" * 4096), (write(8), b"n" * 4096)):
+                await peer.send(msg, data)
+                assert (await peer.reply()).errno == 0
+            await peer.send(old, b"o" * 4096)  # the replay
+            reply = await peer.reply()
+            assert (reply.tid, reply.errno) == (7, errno.EALREADY) and "replay" in reply.message
+            await peer.send(read(9, h, 0, 4096))
+            frame = await peer.frame()
+            assert frame is not None and frame.data == b"n" * 4096
+        assert server.stats["replayed_writes"] == 1

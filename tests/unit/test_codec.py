@@ -66,6 +66,7 @@ VALID = [e for e in INDEX if e["outcome"] != "fatal"]
 U64 = 2**64 - 1
 READ_META: dict[str, Any] = {"t": 1, "s": 2, "h": 3, "o": 0, "l": 1024, "p": [[512, 0, 2]]}
 SUM_META: dict[str, Any] = {"t": 1, "s": 2, "h": 3, "o": 0, "l": 8192, "ext": 4096}
+ATTACH_META: dict[str, Any] = {"t": 1, "vol": "v", "e": 0, "c": "share"}
 PROMOTE_META: dict[str, Any] = {"t": 1, "vol": "vol0", "f": False}
 HELLO_META: dict[str, Any] = {
     "v": [1, 1],
@@ -428,9 +429,11 @@ def test_flags_on_a_non_request(msg: Message) -> None:
         (FLUSH_META | {"o": 1, "l": 0, "e": 1}, MsgType.TRIM, b"", Errno.EINVAL, "length"),
         (FLUSH_META | {"o": 2**63, "l": 2**63 + 1, "e": 1}, MsgType.TRIM, b"", Errno.EOVERFLOW,
          "length"),
-        ({"t": 1, "vol": "", "e": 0}, MsgType.ATTACH, b"", Errno.EINVAL, "volume"),
-        ({"t": 1, "vol": "a/\n", "e": 0}, MsgType.ATTACH, b"", Errno.EINVAL, "volume"),
-        ({"t": 1, "vol": "v" * 256, "e": 0}, MsgType.ATTACH, b"", Errno.EINVAL, "volume"),
+        (ATTACH_META | {"vol": ""}, MsgType.ATTACH, b"", Errno.EINVAL, "volume"),
+        (ATTACH_META | {"vol": "a/\n"}, MsgType.ATTACH, b"", Errno.EINVAL, "volume"),
+        (ATTACH_META | {"vol": "v" * 256}, MsgType.ATTACH, b"", Errno.EINVAL, "volume"),
+        ({"t": 1, "vol": "v", "e": 0, "c": "steal"}, MsgType.ATTACH, b"", Errno.EINVAL, "claim"),
+        ({"t": 1, "vol": "v", "e": 0}, MsgType.ATTACH, b"", Errno.EINVAL, "claim"),
         (SUM_META | {"l": 0}, MsgType.CHECKSUM, b"", Errno.EINVAL, "length"),
         (SUM_META | {"l": 8191}, MsgType.CHECKSUM, b"", Errno.EINVAL, "length"),
         (SUM_META | {"l": 4096 * MAX_CHECKSUMS + 512}, MsgType.CHECKSUM, b"", Errno.E2BIG,

@@ -1,0 +1,133 @@
+"""Fence: the top of a server's volume stack — no write from a previous owner lands late.
+
+Seed 002 (Xen live migration): writes the old host still had in flight reached the disk after
+the new host had written the same blocks, silently undoing them.  dst closes that window with
+a volume *epoch*: every owner claims the volume for an epoch, every write carries it, and
+
+- a write whose epoch is older than the volume's is refused with ESTALE — *definitely not
+  applied* — and counted;
+- :meth:`Fence.advance` (a takeover) raises the epoch in memory first, so from that instant
+  every older write is refused at the door; then it waits until the older writes already past
+  the door have finished (applied or failed: none is left in any queue below); then it
+  persists the new epoch (on this server, and through ``persist`` wherever the caller keeps
+  it — the replication peer too).  Only then is the new owner told it holds the volume, so no
+  write of the old owner can land after the new owner's first write.
+
+Writes with epoch 0 are not an owner's (resync copies, a replication peer's writes, which its
+primary has fenced already) and pass.  Reads and FLUSH pass: they change nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from dst.block import Bio, Limits, Op
+from dst.block.layer import BlockLayer
+from dst.errors import FencedError
+
+log = logging.getLogger("dst.fence")
+
+#: Ops that change data and so must come from the current owner.
+FENCED_OPS = frozenset({Op.WRITE, Op.TRIM, Op.WRITE_ZEROES})
+
+
+@dataclass(frozen=True, slots=True)
+class FenceStatistics:
+    epoch: int
+    stale_rejected: int
+    advances: int
+    in_flight: int
+
+
+class Fence:
+    """A BlockLayer that admits writes of the current epoch only (module docstring)."""
+
+    def __init__(
+        self,
+        below: BlockLayer,
+        epoch: int,
+        persist: Callable[[int], Awaitable[None]],
+        *,
+        name: str = "",
+    ) -> None:
+        if epoch < 1:
+            raise ValueError(f"epoch {epoch}: epochs start at 1")
+        self.below = below
+        self.name = name
+        self._epoch = epoch
+        self._persist = persist
+        self._in_flight: Counter[int] = Counter()  # epoch -> writes past the door
+        self._changed = trio.Event()
+        self._lock = trio.Lock()
+        self.stale_rejected = 0
+        self.advances = 0
+
+    @property
+    def limits(self) -> Limits:
+        return self.below.limits
+
+    @property
+    def size(self) -> int:
+        return self.below.size
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    async def submit(self, bio: Bio) -> None:
+        if bio.op not in FENCED_OPS or bio.epoch == 0:
+            await self.below.submit(bio)
+            return
+        if bio.epoch < self._epoch:
+            self.stale_rejected += 1
+            log.warning(
+                "volume=%s event=stale_write_rejected epoch=%d volume_epoch=%d offset=%d length=%d",
+                self.name,
+                bio.epoch,
+                self._epoch,
+                bio.offset,
+                bio.length,
+            )
+            raise FencedError(
+                f"epoch {bio.epoch} is older than volume epoch {self._epoch}: "
+                "the volume was taken over; this write was not applied"
+            )
+        self._in_flight[bio.epoch] += 1
+        try:
+            await self.below.submit(bio)
+        finally:
+            self._in_flight[bio.epoch] -= 1
+            if not self._in_flight[bio.epoch]:
+                del self._in_flight[bio.epoch]
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def advance(self, epoch: int) -> int:
+        """Make ``epoch`` (or the current one, if higher) the volume's: fence, drain, persist.
+        Returns the epoch now in force."""
+        async with self._lock:
+            if epoch <= self._epoch:
+                return self._epoch
+            old, self._epoch = self._epoch, epoch  # the door shuts for older writes now
+            while any(e < epoch for e in self._in_flight):
+                await self._changed.wait()
+            await self._persist(epoch)
+            self.advances += 1
+            log.warning("volume=%s event=epoch_advanced epoch=%d->%d", self.name, old, epoch)
+            return epoch
+
+    def statistics(self) -> FenceStatistics:
+        return FenceStatistics(
+            epoch=self._epoch,
+            stale_rejected=self.stale_rejected,
+            advances=self.advances,
+            in_flight=sum(self._in_flight.values()),
+        )
+
+    async def aclose(self) -> None:
+        await self.below.aclose()
