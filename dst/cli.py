@@ -15,7 +15,9 @@ from pathlib import Path
 
 import trio
 
+from dst.config import apply_config
 from dst.errors import ConfigError, DstError
+from dst.logs import setup_logging
 from dst.net.endpoints import Address, is_loopback, parse_address
 from dst.security.tls import TlsConfig
 from dst.server import Server, ServerConfig
@@ -48,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help="a TOML file of this command's flags (long names as keys); flags given here win",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="export volumes from a data directory", parents=[common])
@@ -75,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--role",
         choices=["primary", "secondary"],
         help="this server's role in the pair (with --peer)",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
     _add_security(p)
 
@@ -107,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the bridge's page size (segments of the bios it builds)",
     )
     p.add_argument("--node-id", default="", help="name in logs and handshakes")
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
     _add_security(p)
 
     p = sub.add_parser(
@@ -121,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=UP_LISTEN,
         metavar="HOST:PORT",
         help=f"NBD address (default {UP_LISTEN})",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
 
     p = sub.add_parser(
@@ -199,9 +222,18 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     server = Server(_serve_config(args))
+    metrics = parse_address(args.metrics) if args.metrics else None
     server.open_volumes(server.config.volumes)  # configuration errors surface before serving
 
     async def main(nursery: trio.Nursery) -> None:
+        if metrics is not None:
+            from prometheus_client import CollectorRegistry
+
+            from dst.metrics import ServerCollector, serve_metrics
+
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(ServerCollector(server))
+            await nursery.start(serve_metrics, metrics, registry)
         await server.serve()
 
     trio.run(_run_until_signal, main)
@@ -222,6 +254,7 @@ def cmd_nbd(args: argparse.Namespace) -> int:
         page_size=args.page_size,
         tls=tls,
         node_id=args.node_id,
+        metrics=parse_address(args.metrics) if args.metrics else None,
     )
 
     async def main(nursery: trio.Nursery) -> None:
@@ -239,7 +272,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     data_dir: Path = args.data.resolve()
 
     async def main(nursery: trio.Nursery) -> None:
-        address = await nursery.start(run_up, data_dir, listen)
+        metrics = parse_address(args.metrics) if args.metrics else None
+        address = await nursery.start(partial(run_up, data_dir, listen, metrics=metrics))
         name, size = UP_VOLUME
         uri = f"nbd://{address}/{name}"
         print(
@@ -328,11 +362,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return certs_main(argv[1:])
     parser = build_parser()
+    try:
+        argv = apply_config(parser, argv)
+    except ConfigError as exc:
+        return _fail(argv[0] if argv else "", exc)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    setup_logging(getattr(args, "log_level", "INFO"))
     try:
         if args.command == "serve":
             return cmd_serve(args)

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
+from prometheus_client import CollectorRegistry
 
 from dst.client import open_remote
+from dst.iostats import IoStats
+from dst.metrics import BridgeCollector, ServerCollector, serve_metrics
 from dst.nbd.bridge import NbdExport, serve_nbd
 from dst.net.endpoints import Address
 from dst.security.tls import TlsConfig
@@ -32,12 +36,20 @@ class BridgeConfig:
     page_size: int = 4096
     tls: TlsConfig | None = None
     node_id: str = ""
+    #: Serve Prometheus metrics on this address (``--metrics``).
+    metrics: Address | None = None
 
 
 async def run_bridge(
-    config: BridgeConfig, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
+    config: BridgeConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+    task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``config.volume`` over NBD until cancelled; ``task_status`` gets the address."""
+    """Serve ``config.volume`` over NBD until cancelled; ``task_status`` gets the address.
+    The bridge's metrics go to ``registry`` if given (the caller serves it), else to an
+    endpoint of their own on ``config.metrics`` if set."""
+    io = IoStats()
     async with open_remote(
         config.servers,
         config.volume,
@@ -51,23 +63,38 @@ async def run_bridge(
         # one connection covers all of them, which is what CAN_MULTI_CONN promises.
         export = NbdExport(config.volume, volume, multi_conn=True)
         log.info("volume=%s size=%d event=attached", config.volume, volume.size)
-        await serve_nbd(
-            config.listen,
-            [export],
-            tls=config.tls,
-            page_size=config.page_size,
-            task_status=task_status,
-        )
+        node = config.node_id or "bridge"
+        collector = BridgeCollector(io, node, lambda: {config.volume: export.layer})
+        async with trio.open_nursery() as nursery:
+            if registry is not None:
+                registry.register(collector)
+            elif config.metrics is not None:
+                own = CollectorRegistry(auto_describe=False)
+                own.register(collector)
+                await nursery.start(serve_metrics, config.metrics, own)
+            address = await nursery.start(
+                partial(
+                    serve_nbd,
+                    config.listen,
+                    [export],
+                    tls=config.tls,
+                    page_size=config.page_size,
+                    io=io,
+                )
+            )
+            task_status.started(address)
 
 
 async def run_up(
     data_dir: Path,
     listen: Address,
     *,
+    metrics: Address | None = None,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A replicated pair (primary in ``DIR/primary``, secondary in ``DIR/secondary``) on
-    ephemeral loopback ports, and the NBD bridge on ``listen`` in front of the primary."""
+    ephemeral loopback ports, and the NBD bridge on ``listen`` in front of the primary; with
+    ``metrics``, one Prometheus endpoint for all three."""
     loopback = Address("127.0.0.1", 0)
 
     def server(role: str, peer: Address | None) -> Server:
@@ -92,5 +119,10 @@ async def run_up(
         bridge = BridgeConfig(
             listen=listen, servers=(primary_address,), volume=UP_VOLUME[0], node_id="up-bridge"
         )
-        nbd_address = await nursery.start(run_bridge, bridge)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ServerCollector(primary))
+        registry.register(ServerCollector(secondary))
+        nbd_address = await nursery.start(partial(run_bridge, bridge, registry=registry))
+        if metrics is not None:
+            await nursery.start(serve_metrics, metrics, registry)
         task_status.started(nbd_address)

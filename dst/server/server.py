@@ -20,6 +20,7 @@ import trio
 from dst.block import Limits
 from dst.client.remote import RemoteVolume
 from dst.errors import BlockError, ConfigError
+from dst.iostats import IoStats
 from dst.net.endpoints import Address, serve
 from dst.net.framed import FramedStream
 from dst.replication.peer import open_peer
@@ -77,6 +78,7 @@ class Server:
                 f"role {config.role!r} with peer {config.peer}: --peer and --role go together"
             )
         self.stats: Counter[str] = Counter()
+        self.io = IoStats()  # per volume and op, for metrics (see dst.iostats)
         self.sessions: Counter[str] = Counter()  # live sessions by peer role
         self.started_at = 0.0
         self.listen_address: Address | None = None

@@ -383,8 +383,10 @@ class Session:
 
     async def _run_request(self, msg: DataRequest, pages: Pages | None) -> None:
         stats = self.server.stats
+        # The one place a server request is timed and counted by volume and op (metrics).
+        started, ok = self.server.io.begin(), False
+        volume = self.handles.get(msg.handle)
         try:
-            volume = self.handles.get(msg.handle)
             try:
                 if volume is None:
                     raise BlockError(errno.EBADF, f"handle {msg.handle} is not attached")
@@ -406,11 +408,15 @@ class Session:
                 return
             stats[bio.op.name.lower()] += 1
             stats["bytes_" + bio.op.name.lower()] += bio.length
+            ok = True
             data = pages.views if pages is not None and bio.op is Op.READ else None
             await self._reply(Reply(tid=msg.tid, sub=msg.sub, errno=0, message=""), data)
         finally:
             if pages is not None:
                 pages.release()
+            name = volume.name if volume is not None else "-"
+            length = 0 if isinstance(msg, FlushRequest) else msg.length
+            self.server.io.end(name, OPS[type(msg)].name.lower(), length, started, ok=ok)
 
 
 def data_crc_continue(crc: int, views: list[memoryview]) -> int:
