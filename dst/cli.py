@@ -148,11 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "status",
-        help="show a server's role, connections and replication state",
+        help="show servers' roles, connections and replication state",
         parents=[common],
+        description="One table per server. With --config FILE and no --server: every server "
+        "the file names ([serve] listen and peer, [nbd] server) and its tls directory. "
+        "Exit 1 if a server is unreachable.",
     )
-    p.add_argument("--server", required=True, metavar="HOST:PORT")
-    p.add_argument("--json", action="store_true", help="the raw status document")
+    p.add_argument(
+        "--server", action="append", metavar="HOST:PORT", help="a server to ask; repeatable"
+    )
+    p.add_argument("--json", action="store_true", help="the raw status document(s)")
     p.add_argument("--tls", metavar="DIR", type=Path, help="node directory from `dst certs issue`")
 
     p = sub.add_parser(
@@ -294,12 +299,32 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from dst.admin import fetch_status, render_status
+    from dst.admin import fetch_status, fetch_statuses, render_status, render_statuses
+    from dst.config import servers_in_file
 
-    tls = TlsConfig.load(args.tls) if args.tls else None
-    doc = trio.run(fetch_status, parse_address(args.server), tls)
-    print(json.dumps(doc, indent=2, default=dict) if args.json else render_status(doc))
-    return 0
+    servers: list[str] = args.server or []
+    tls_dir: Path | None = args.tls
+    if not servers and args.config is not None:
+        servers, file_tls = servers_in_file(args.config)
+        tls_dir = tls_dir or (Path(file_tls) if file_tls else None)
+    if not servers:
+        raise ConfigError(
+            "no server to ask: give --server HOST:PORT or a --config FILE naming some"
+        )
+    tls = TlsConfig.load(tls_dir) if tls_dir else None
+    addresses = [parse_address(s) for s in servers]
+    if len(addresses) == 1 and args.config is None:  # one server: its document, as always
+        doc = trio.run(fetch_status, addresses[0], tls)
+        print(json.dumps(doc, indent=2, default=dict) if args.json else render_status(doc))
+        return 0
+    results = trio.run(fetch_statuses, addresses, tls)
+    if args.json:
+        pairs = zip(servers, results, strict=True)
+        docs = {s: r if not isinstance(r, str) else {"error": r} for s, r in pairs}
+        print(json.dumps(docs, indent=2, default=dict))
+    else:
+        print(render_statuses(servers, results))
+    return 1 if any(isinstance(r, str) for r in results) else 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -312,11 +337,11 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from dst.admin import verify
+    from dst.admin import progress_bar, verify
 
     def progress(done: int, total: int) -> None:
         print(
-            f"\rverify: {100 * done // total:3d}% ({done >> 20}/{total >> 20} MiB)",
+            f"\rverify: {progress_bar(done, total)} ({done >> 20}/{total >> 20} MiB)",
             end="",
             file=sys.stderr,
             flush=True,

@@ -202,3 +202,24 @@ def apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[s
         return list(argv)  # argparse reports the unknown command
     keys = section(load_toml(path), command, sorted(commands), path)
     return [command, *config_argv(sub, keys, argv[1:], path), *argv[1:]]
+
+
+def servers_in_file(path: Path) -> tuple[list[str], str | None]:
+    """The dst servers a config file names, for ``dst status --config``: ``server`` of its
+    ``[status]`` table, ``listen`` and ``peer`` of ``[serve]``, ``server`` of ``[nbd]`` (a flat
+    file is read as whichever it is), in order, without repeats; and the first ``tls``."""
+    doc = load_toml(path)
+    if any(isinstance(v, dict) for v in doc.values()):
+        tables = [(name, doc[name]) for name in ("status", "serve", "nbd") if name in doc]
+    else:
+        tables = [("serve" if "data" in doc else "nbd", doc)]
+    servers: list[str] = []
+    tls: str | None = None
+    for name, table in tables:
+        named = [table.get("listen"), table.get("peer")] if name == "serve" else []
+        listed = table.get("server", [])
+        named += listed if isinstance(listed, list) else [listed]
+        servers += [str(s) for s in named if s and str(s) not in servers]
+        if tls is None and isinstance(table.get("tls"), str):
+            tls = table["tls"]
+    return servers, tls
