@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"NBD address (default {UP_LISTEN})",
     )
     p.add_argument(
+        "--size",
+        type=parse_size,
+        default=1 << 30,
+        metavar="SIZE",
+        help="size of vol0 when it is created (default 1G)",
+    )
+    p.add_argument(
         "--metrics",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
@@ -273,13 +280,17 @@ def cmd_nbd(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from dst.services import UP_VOLUME, run_up
 
+    if args.size <= 0 or args.size % 512:
+        raise ConfigError(f"--size {args.size}: a positive multiple of 512 bytes")
+
     listen: Address = parse_address(args.listen)
     data_dir: Path = args.data.resolve()
 
     async def main(nursery: trio.Nursery) -> None:
         metrics = parse_address(args.metrics) if args.metrics else None
-        address = await nursery.start(partial(run_up, data_dir, listen, metrics=metrics))
-        name, size = UP_VOLUME
+        start = partial(run_up, data_dir, listen, metrics=metrics, size=args.size)
+        address = await nursery.start(start)
+        name, size = UP_VOLUME[0], args.size
         uri = f"nbd://{address}/{name}"
         print(
             f"dst up: {uri}  (volume {name}, {size >> 20} MiB, replicated: {data_dir}/primary"

@@ -90,6 +90,7 @@ async def run_up(
     listen: Address,
     *,
     metrics: Address | None = None,
+    size: int = UP_VOLUME[1],
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A replicated pair (primary in ``DIR/primary``, secondary in ``DIR/secondary``) on
@@ -101,7 +102,7 @@ async def run_up(
         srv = Server(
             ServerConfig(
                 data_dir=data_dir / role,
-                volumes=(UP_VOLUME,),
+                volumes=((UP_VOLUME[0], size),),
                 listen=loopback,
                 node_id=f"up-{role}",
                 peer=peer,
