@@ -15,6 +15,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,7 @@ import trio
 from dst.admin import fetch_status
 from dst.cli import build_parser
 from dst.config import apply_config
-from dst.net.endpoints import Address, parse_address
+from dst.net.endpoints import Address
 from dst.security.tls import TlsConfig
 from tests.integration.harness import DstProcess, free_port
 from tests.integration.nbdtools import run
@@ -39,6 +40,9 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "deploy" / "examples"
 UNITS = ROOT / "deploy" / "systemd"
 DST = [sys.executable, "-m", "dst"]
+LOG_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) dst[.\w]* \S"
+)
 
 
 def load(name: str) -> dict[str, dict[str, object]]:
@@ -258,4 +262,34 @@ async def test_three_hosts_on_loopback_and_the_rolling_upgrade(tmp_path: Path) -
         back = tmp_path / "back.img"
         await run(["nbdcopy", layout.uri, str(back)], timeout_s=180)
         assert back.read_bytes() == bytes(image)
-    assert parse_address(str(a.address)) == a.address  # the processes were stopped above
+    # the logs: one event per line, ``TIME LEVEL LOGGER key=value``, and no key material
+    secrets = [
+        "".join((layout.pki / node / "key.pem").read_text().splitlines()[1:-1])
+        for node in ("a", "b", "bridge")
+    ]
+    for name in ("a", "b", "bridge"):
+        lines = (tmp_path / f"{name}.log").read_text().splitlines()
+        events = [line for line in lines if not line.startswith("dst nbd: ")]  # its URI
+        assert events, name
+        for line in events:
+            assert LOG_LINE.match(line), line
+        assert any("event=" in line for line in events)
+        text = "\n".join(lines)
+        assert "PRIVATE KEY" not in text and "CERTIFICATE-----" not in text
+        assert not any(secret[:40] in text.replace("\n", "") for secret in secrets)
+
+
+async def test_status_of_a_config_names_unreachable_servers_and_exits_1(tmp_path: Path) -> None:
+    a, b = free_port(), free_port()  # nothing listens on either
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(
+        f'[serve]\nlisten = "127.0.0.1:{a}"\npeer = "127.0.0.1:{b}"\ndata = "d"\n'
+        'volume = ["vol0=1M"]\nrole = "primary"\ninsecure = true\n'
+    )
+    out = await dst("status", "--config", str(cfg), check=False)
+    assert out.returncode == 1
+    text = out.stdout.decode()
+    assert f"== 127.0.0.1:{a} ==\nunreachable: " in text and f"== 127.0.0.1:{b} ==" in text
+    out = await dst("status", "--config", str(cfg), "--json", check=False)
+    docs = json.loads(out.stdout)
+    assert set(docs) == {f"127.0.0.1:{a}", f"127.0.0.1:{b}"} and "error" in docs[f"127.0.0.1:{a}"]
