@@ -19,8 +19,10 @@ primary, secondary, standalone — or ``bridge``), ``node``, ``volume``, ``op``.
   ``dst_replication_peer_connected``, ``dst_replication_out_of_sync_bytes``,
   ``dst_replication_resync_{total,done}_bytes``, ``dst_replication_resync_rate_bytes_per_second``,
   ``dst_replication_resynced_bytes_total``, ``dst_replication_degraded_{writes,bytes}_total``,
-  ``dst_fence_rejected_writes_total`` (today: writes refused for a stale epoch, the server's
-  ``stale_writes`` counter; plus a volume's ``fenced_writes`` statistic once fencing has one).
+  ``dst_store_syncs_total`` and ``dst_store_errors_total`` (the data file's fdatasync calls
+  and errors), ``dst_fence_rejected_writes_total`` (today: writes refused for a stale epoch,
+  the server's ``stale_writes`` counter; plus a ``fenced_writes`` field of the volume layer's
+  ``statistics()`` once fencing keeps one).
 - Bridges: ``dst_remote_connected``, ``dst_remote_reconnects_total``,
   ``dst_remote_resent_commands_total``, ``dst_remote_failed_transactions_total``, and
   ``dst_mirror_failfast_events_total`` — read from a ``failfast_events`` field of the top
@@ -44,6 +46,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from dst.block import StoreStatistics
 from dst.iostats import LATENCY_BUCKETS_S, IoStats
 from dst.net.endpoints import Address
 
@@ -122,50 +125,71 @@ class ServerCollector(Collector):
             yield family
 
     def _volumes(self, node: str) -> Iterator[Metric]:
-        labels = ["node", "volume"]
-        fam: dict[str, Metric] = {}
+        families: dict[str, Metric] = {}
 
-        def add(
-            kind: Callable[..., Metric], name: str, doc: str, volume: str, value: float
-        ) -> None:
-            if name not in fam:
-                fam[name] = kind(name, doc, labels=labels)
-            fam[name].add_metric([node, volume], value)  # type: ignore[attr-defined]
+        def add(name: str, kind: str, doc: str, volume: str, value: float) -> None:
+            if name not in families:
+                cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+                families[name] = cls(name, doc, labels=["node", "volume"])
+            families[name].add_metric([node, volume], value)  # type: ignore[attr-defined]
 
-        gauge, counter = GaugeMetricFamily, CounterMetricFamily
-        stale = self.server.stats.get("stale_writes", 0)
-        fenced = counter(
+        fenced = self.server.stats.get("stale_writes", 0)
+        for name, volume in sorted(self.server.volumes.items()):
+            add("dst_volume_size_bytes", "gauge", "Volume size", name, volume.size)
+            add("dst_volume_epoch", "gauge", "Volume epoch", name, volume.epoch)
+            fenced += _field(volume.layer, "fenced_writes")  # once fencing counts them
+            store = _store_statistics(volume.layer)
+            if store is not None:
+                add("dst_store_syncs", "counter", "fdatasync calls on the data file", name,
+                    store.syncs)  # fmt: skip
+                add("dst_store_errors", "counter", "Errors from the data file", name,
+                    store.errors)  # fmt: skip
+            if volume.replicated is not None:
+                stats = volume.replicated.statistics()
+                for metric, kind, doc, field in REPLICATION_METRICS:
+                    add(metric, kind, doc, name, float(getattr(stats, field)))
+        family = CounterMetricFamily(
             "dst_fence_rejected_writes",
             "Writes refused because their epoch is older than the volume's",
             labels=["node"],
         )
-        for name, volume in sorted(self.server.volumes.items()):
-            add(gauge, "dst_volume_size_bytes", "Volume size", name, volume.size)
-            add(gauge, "dst_volume_epoch", "Volume epoch", name, volume.epoch)
-            stale += _field(volume, "fenced_writes")
-            rep = volume.replicated
-            if rep is None:
-                continue
-            s = rep.statistics()
-            add(gauge, "dst_replication_peer_connected", "1 if the peer link is up", name,
-                float(s.peer_connected))  # fmt: skip
-            add(gauge, "dst_replication_out_of_sync_bytes", "Bytes the peer lacks", name,
-                s.out_of_sync_bytes)  # fmt: skip
-            add(gauge, "dst_replication_resync_total_bytes", "Bytes of the current resync", name,
-                s.resync_total_bytes)  # fmt: skip
-            add(gauge, "dst_replication_resync_done_bytes", "Bytes of it resynced", name,
-                s.resync_done_bytes)  # fmt: skip
-            add(gauge, "dst_replication_resync_rate_bytes_per_second", "Resync rate", name,
-                s.resync_rate_bytes_s)  # fmt: skip
-            add(counter, "dst_replication_resynced_bytes", "Bytes resynced", name,
-                s.resynced_bytes)  # fmt: skip
-            add(counter, "dst_replication_degraded_writes", "Writes with the peer away", name,
-                s.degraded_writes)  # fmt: skip
-            add(counter, "dst_replication_degraded_bytes", "Bytes written with the peer away",
-                name, s.degraded_bytes)  # fmt: skip
-        fenced.add_metric([node], stale)
-        yield fenced
-        yield from fam.values()
+        family.add_metric([node], fenced)
+        yield family
+        yield from families.values()
+
+
+#: Replicated.statistics() fields as metrics: (name, kind, help, field).
+REPLICATION_METRICS = (
+    ("dst_replication_peer_connected", "gauge", "1 if the link to the peer is up",
+     "peer_connected"),
+    ("dst_replication_out_of_sync_bytes", "gauge", "Bytes the peer lacks (dirty bitmap)",
+     "out_of_sync_bytes"),
+    ("dst_replication_resync_total_bytes", "gauge", "Bytes the current resync copies",
+     "resync_total_bytes"),
+    ("dst_replication_resync_done_bytes", "gauge", "Bytes of it copied so far",
+     "resync_done_bytes"),
+    ("dst_replication_resync_rate_bytes_per_second", "gauge", "Current resync rate",
+     "resync_rate_bytes_s"),
+    ("dst_replication_resynced_bytes", "counter", "Bytes resynced since start",
+     "resynced_bytes"),
+    ("dst_replication_degraded_writes", "counter", "Writes taken with the peer away",
+     "degraded_writes"),
+    ("dst_replication_degraded_bytes", "counter", "Bytes written with the peer away",
+     "degraded_bytes"),
+)  # fmt: skip
+
+
+def _store_statistics(layer: Any) -> StoreStatistics | None:
+    """The FileStore's statistics at the bottom of a server volume's stack."""
+    for _ in range(8):  # the stack is shallow; a bound, not a loop forever
+        statistics = getattr(layer, "statistics", None)
+        stats = statistics() if callable(statistics) else None
+        if isinstance(stats, StoreStatistics):
+            return stats
+        layer = getattr(layer, "local", None) or getattr(layer, "below", None)
+        if layer is None:
+            return None
+    return None
 
 
 def _gauge(name: str, doc: str, node: str, value: float) -> Metric:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import urllib.error
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from dst.net.endpoints import Address
+from dst.services import run_up
 from tests.integration.harness import bridge_process, free_port, pair_processes
 from tests.integration.nbdtools import run
 
@@ -28,7 +30,9 @@ def scrape(address: Address) -> Samples:
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            samples[s.name, frozenset(s.labels.items())] = s.value
+            key = (s.name, frozenset(s.labels.items()))
+            assert key not in samples, f"duplicate sample {key}"
+            samples[key] = s.value
     return samples
 
 
@@ -64,7 +68,10 @@ async def test_counters_move_by_what_the_nbd_clients_moved(tmp_path: Path) -> No
             uri = f"nbd://{bp.address}/vol0"
             await run(["nbdcopy", "--synchronous", str(tmp_path / "in.img"), uri])
             source = str(tmp_path / "in.img")
-            script = f"assert h.pread(65536, 4096) == open({source!r}, 'rb').read()[4096:69632]"
+            script = (
+                f"assert h.pread(65536, 4096) == open({source!r}, 'rb').read()[4096:69632]; "
+                "h.flush()"
+            )
             await run(["nbdsh", "-u", uri, "-c", script], debian=True)
 
             bridge = scrape(bmetrics)
@@ -88,6 +95,8 @@ async def test_counters_move_by_what_the_nbd_clients_moved(tmp_path: Path) -> No
             assert value(server, "dst_volume_size_bytes", volume="vol0") == 16 << 20
             assert value(server, "dst_replication_out_of_sync_bytes", volume="vol0") == 0
             assert value(server, "dst_fence_rejected_writes_total") == 0
+            assert value(server, "dst_store_syncs_total", volume="vol0") >= 1  # the flush
+            assert value(server, "dst_store_errors_total", volume="vol0") == 0
 
             # The secondary goes away: what the primary writes now is out of sync, counted.
             secondary.stop()
@@ -128,3 +137,21 @@ async def test_endpoint_refuses_what_it_does_not_serve(
 
         assert await trio.to_thread.run_sync(ask) == code
         assert value(await trio.to_thread.run_sync(scrape, metrics), "dst_volume_epoch") == 1
+
+
+async def test_dst_up_serves_one_endpoint_for_both_servers_and_the_bridge(tmp_path: Path) -> None:
+    metrics = Address("127.0.0.1", free_port())
+    async with trio.open_nursery() as nursery:
+        start = partial(run_up, tmp_path, Address("127.0.0.1", 0), metrics=metrics, size=8 << 20)
+        nbd = await nursery.start(start)
+        await run(
+            ["nbdsh", "-u", f"nbd://{nbd}/vol0", "-c", "h.pwrite(b'u' * 8192, 0)"], debian=True
+        )
+        samples = await trio.to_thread.run_sync(scrape, metrics)
+        nursery.cancel_scope.cancel()
+    for role in ("primary", "secondary", "bridge"):
+        assert value(samples, "dst_io_inflight_requests", role=role) == 0
+    assert value(samples, "dst_io_bytes_total", role="bridge", op="write") == 8192
+    assert value(samples, "dst_io_bytes_total", role="primary", op="write") == 8192
+    assert value(samples, "dst_io_bytes_total", role="secondary", op="write") == 8192  # replica
+    assert value(samples, "dst_volume_size_bytes", node="up-secondary") == 8 << 20
