@@ -402,6 +402,21 @@ class Session:
                 await volume.layer.submit(bio)
             except BlockError as exc:
                 stats["errors"] += 1
+                # A stale epoch is the fence doing its job (INFO); anything else is news.
+                level = logging.INFO if exc.errno == errno.ESTALE else logging.WARNING
+                log.log(
+                    level,
+                    "peer=%s node=%s volume=%s tid=%d sub=%d op=%s event=request_failed "
+                    "errno=%d reason=%r",
+                    self.peer,
+                    self.node,
+                    volume.name if volume is not None else "-",
+                    msg.tid,
+                    msg.sub,
+                    OPS[type(msg)].name.lower(),
+                    exc.errno,
+                    str(exc),
+                )
                 await self._reply(
                     Reply(tid=msg.tid, sub=msg.sub, errno=exc.errno, message=str(exc))
                 )

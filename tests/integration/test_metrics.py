@@ -4,6 +4,8 @@ must move by exactly the bytes the clients moved."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import urllib.error
 import urllib.request
@@ -12,12 +14,21 @@ from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dst.metrics import ServerCollector
 from dst.net.endpoints import Address
 from dst.services import run_up
-from tests.integration.harness import bridge_process, free_port, pair_processes
+from tests.integration.harness import (
+    bridge_process,
+    free_port,
+    pair_processes,
+    running_server,
+    server_process,
+)
 from tests.integration.nbdtools import run
+from tests.integration.test_bad_input import raw, read
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -119,8 +130,6 @@ async def test_counters_move_by_what_the_nbd_clients_moved(tmp_path: Path) -> No
 async def test_endpoint_refuses_what_it_does_not_serve(
     tmp_path: Path, path: str, method: str, code: int
 ) -> None:
-    from tests.integration.harness import server_process
-
     metrics = Address("127.0.0.1", free_port())
     with server_process(tmp_path) as sp:
         sp.argv += ["--metrics", str(metrics)]
@@ -155,3 +164,25 @@ async def test_dst_up_serves_one_endpoint_for_both_servers_and_the_bridge(tmp_pa
     assert value(samples, "dst_io_bytes_total", role="primary", op="write") == 8192
     assert value(samples, "dst_io_bytes_total", role="secondary", op="write") == 8192  # replica
     assert value(samples, "dst_volume_size_bytes", node="up-secondary") == 8 << 20
+
+
+async def test_a_failed_request_is_one_log_line_and_one_error_sample(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "dst")
+    async with running_server(tmp_path) as server:
+        assert server.listen_address is not None
+        async with raw(server.listen_address) as peer:
+            handle = await peer.handshake()
+            await peer.send(read(77, handle, 64 << 20, 4096))  # one block past the end
+            reply = await peer.reply()
+            assert (reply.tid, reply.errno) == (77, errno.EINVAL)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ServerCollector(server))
+        text = generate_latest(registry).decode()
+    lines = [r.getMessage() for r in caplog.records if "event=request_failed" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "volume=vol0" in lines[0] and "tid=77" in lines[0] and "op=read" in lines[0]
+    assert "peer=127.0.0.1:" in lines[0] and f"errno={errno.EINVAL}" in lines[0]
+    errors = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    assert [s.value for s in errors if s.name == "dst_io_errors_total"] == [1.0]
