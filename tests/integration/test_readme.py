@@ -10,6 +10,7 @@
   script per session in a temporary directory: loopback ports are swapped for free ones, and
   after a background line (``&``) the script waits for its ``--listen`` port (or, for
   nbdfuse, its disk file).  ``set -e``: a failing command fails the test.
+- The ```python library example runs against a server on loopback.
 - The first block's ``make up`` / ``make test`` are checked against the Makefile (running them
   here would recurse into this very suite).
 """
@@ -31,7 +32,7 @@ import pytest
 from dst.cli import build_parser
 from dst.config import subparsers
 from dst.security.certs import _parser as certs_parser
-from tests.integration.harness import free_port
+from tests.integration.harness import free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -245,5 +246,17 @@ def test_the_marked_blocks_run(session: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, f"README session {session!r} failed:\n{text[-4000:]}"
     if session == "repl":
         assert "0 differ" in text and "role primary" in text and "dst_io_bytes_total{" in text
+        assert "verify: [####################] 100%" in text  # the progress bar's last state
     if session == "tls":
         assert "role standalone" in text
+
+
+async def test_the_library_example_runs(tmp_path: Path) -> None:
+    code = next(b.text for b in blocks() if b.info == "python")
+    async with running_server(tmp_path) as server:
+        code = code.replace("127.0.0.1:7410", str(server.listen_address))
+        body = "\n".join("    " + line for line in code.splitlines())
+        namespace: dict[str, object] = {}
+        exec(f"async def example():\n{body}\n", namespace)
+        await namespace["example"]()  # type: ignore[operator]
+    assert (tmp_path / "vol0.img").read_bytes()[:4097] == b"\x01" * 4096 + b"\x00"
