@@ -18,7 +18,8 @@ Layout.  A file is either *flat* (every key is a flag of the command it is given
 
 A sectioned file may not have keys outside its tables (which table would they belong to?),
 and every table is named after a subcommand.  A command given a sectioned file without its
-table gets no flags from it (``dst status`` reads the other tables to find the servers).
+table is refused, except ``dst status``, which reads the other tables to find the servers.
+Paths are taken as given (relative ones from the working directory, ``/`` under systemd).
 
 Precedence.  Flags on the command line override the file: a flag given there drops the
 file's value for it (for repeatable flags too: ``--volume`` on the command line replaces the
@@ -41,6 +42,9 @@ from typing import Any
 from dst.errors import ConfigError
 
 CONFIG_FLAG = "--config"
+#: Commands that may take a sectioned file without their own table: ``dst status`` reads the
+#: servers named in the other tables.
+TABLE_OPTIONAL = frozenset({"status"})
 
 
 def find_config_path(argv: Sequence[str]) -> Path | None:
@@ -84,6 +88,10 @@ def section(
         raise ConfigError(
             f"config file {path}: key {loose[0]!r} is outside a table; a file with "
             f"[{'] ['.join(sorted(tables))}] tables keeps every key in one of them"
+        )
+    if command not in doc and command not in TABLE_OPTIONAL:
+        raise ConfigError(
+            f"config file {path} has no [{command}] table (it has [{'] ['.join(sorted(tables))}])"
         )
     return dict(doc.get(command, {}))
 

@@ -115,7 +115,9 @@ def test_a_flag_added_later_works_with_no_config_code(tmp_path: Path) -> None:
     assert out == ["--resync-rate=10M", "--verbose-thing"]
 
 
-def test_a_command_without_its_table_gets_nothing(tmp_path: Path) -> None:
+def test_a_command_without_its_table(tmp_path: Path) -> None:
     cfg = write(tmp_path, '[nbd]\nvolume = "v"\nserver = ["127.0.0.1:1"]\n')
     argv = apply_config(build_parser(), ["status", "--config", str(cfg)])
-    assert argv == ["status", "--config", str(cfg)]
+    assert argv == ["status", "--config", str(cfg)]  # status reads the servers itself
+    with pytest.raises(ConfigError, match=r"has no \[serve\] table \(it has \[nbd\]\)"):
+        apply_config(build_parser(), ["serve", "--config", str(cfg)])
