@@ -13,7 +13,8 @@ primary, secondary, standalone — or ``bridge``), ``node``, ``volume``, ``op``.
 - ``dst_io_requests_total``, ``dst_io_bytes_total``, ``dst_io_errors_total``,
   ``dst_io_request_duration_seconds`` (histogram), ``dst_io_inflight_requests``: per request,
   on servers and bridges alike (``role`` tells which).
-- Servers: ``dst_server_sessions``, ``dst_server_connections_total``,
+- Servers: ``dst_server_info`` (1, labelled with the role and peer), ``dst_server_sessions``,
+  ``dst_server_connections_total``,
   ``dst_server_protocol_errors_total``, ``dst_server_bad_requests_total``,
   ``dst_server_pool_pages`` / ``_free_pages``, ``dst_volume_size_bytes``, ``dst_volume_epoch``,
   ``dst_replication_peer_connected``, ``dst_replication_out_of_sync_bytes``,
@@ -100,6 +101,13 @@ class ServerCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         srv, node = self.server, self.server.node_id
+        info = GaugeMetricFamily(
+            "dst_server_info",
+            "Always 1: the server's role and peer",
+            labels=["node", "role", "peer"],
+        )
+        info.add_metric([node, srv.role, str(srv.config.peer or "")], 1)
+        yield info
         yield from io_families(srv.io, srv.role, node)
         sessions = GaugeMetricFamily(
             "dst_server_sessions", "Live sessions by peer role", labels=["node", "peer_role"]

@@ -103,6 +103,7 @@ async def test_counters_move_by_what_the_nbd_clients_moved(tmp_path: Path) -> No
             assert value(server, "dst_io_bytes_total", role="primary", op="write") == 1 << 20
             assert value(server, "dst_io_bytes_total", role="primary", op="read") == 65536
             assert value(server, "dst_server_sessions", peer_role="bridge") == 1
+            assert value(server, "dst_server_info", role="primary", peer=str(secondary.address))
             assert value(server, "dst_volume_size_bytes", volume="vol0") == 16 << 20
             assert value(server, "dst_replication_out_of_sync_bytes", volume="vol0") == 0
             assert value(server, "dst_fence_rejected_writes_total") == 0
