@@ -1,6 +1,8 @@
-"""The ``dst`` command: ``serve``, ``nbd``, ``up``, ``certs`` (more arrive with
-replication).  Every subcommand has ``--help``; configuration mistakes print one line naming
+"""The ``dst`` command: ``serve``, ``nbd``, ``up``, ``status``, ``promote``, ``verify``,
+``certs``.  Every subcommand has ``--help``; configuration mistakes print one line naming
 the flag and value and exit 2; SIGINT/SIGTERM stop a running service cleanly with exit 0.
+``--config FILE`` (dst/config.py) turns a TOML file into flags before parsing; logs are set
+up by dst/logs.py; ``--metrics`` serves dst/metrics.py's collectors.
 """
 
 from __future__ import annotations
@@ -284,10 +286,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise ConfigError(f"--size {args.size}: a positive multiple of 512 bytes")
 
     listen: Address = parse_address(args.listen)
+    metrics = parse_address(args.metrics) if args.metrics else None
     data_dir: Path = args.data.resolve()
 
     async def main(nursery: trio.Nursery) -> None:
-        metrics = parse_address(args.metrics) if args.metrics else None
         start = partial(run_up, data_dir, listen, metrics=metrics, size=args.size)
         address = await nursery.start(start)
         name, size = UP_VOLUME[0], args.size

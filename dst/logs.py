@@ -50,12 +50,22 @@ def redact(text: str) -> str:
     return _PEM.sub("[PEM redacted]", text)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of the event (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging(level: str = "INFO") -> None:
-    """Send dst's events to stderr (journald adds its own timestamp; ours stays for files)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(EventFormatter())
+    """Send dst's events to stderr (journald adds its own timestamp; ours stays for files).
+    Idempotent: replaces only a handler an earlier call installed."""
     root = logging.getLogger()
     for old in root.handlers[:]:
-        root.removeHandler(old)
+        if isinstance(old, _StderrHandler):
+            root.removeHandler(old)
+    handler = _StderrHandler()
+    handler.setFormatter(EventFormatter())
     root.addHandler(handler)
     root.setLevel(level)

@@ -17,6 +17,7 @@ import trio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dst.cli import main
 from dst.metrics import ServerCollector
 from dst.net.endpoints import Address
 from dst.services import run_up
@@ -187,3 +188,20 @@ async def test_a_failed_request_is_one_log_line_and_one_error_sample(
     assert "peer=127.0.0.1:" in lines[0] and f"errno={errno.EINVAL}" in lines[0]
     errors = [s for f in text_string_to_metric_families(text) for s in f.samples]
     assert [s.value for s in errors if s.name == "dst_io_errors_total"] == [1.0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--listen", "127.0.0.1:0", "--data", "d", "--volume", "v=1M", "--insecure"],
+        ["nbd", "--server", "127.0.0.1:1", "--volume", "v", "--insecure"],
+        ["up", "--data", "d"],
+    ],
+)
+def test_a_bad_metrics_address_is_named(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [a if a != "d" else str(tmp_path / "d") for a in argv]
+    assert main([*argv, "--metrics", "nope"]) == 2
+    assert "address 'nope': expected HOST:PORT" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # refused before anything was created
