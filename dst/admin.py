@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -14,10 +14,10 @@ from typing import Any
 import trio
 
 from dst.client.link import SETUP_TIMEOUT_S, handshake, request
-from dst.errors import BlockError, ConfigError, ProtocolError
+from dst.errors import BlockError, ConfigError, DstError, ProtocolError
 from dst.net.endpoints import Address, connect
-from dst.net.framed import FramedStream
-from dst.security.tls import TlsConfig
+from dst.net.framed import FramedStream, describe
+from dst.security.tls import TlsConfig, own_role
 from dst.wire import (
     Attach,
     Attached,
@@ -35,9 +35,13 @@ from dst.wire import (
 
 @asynccontextmanager
 async def _session(
-    address: Address, tls: TlsConfig | None, purpose: str, *, role: str = "client"
+    address: Address, tls: TlsConfig | None, purpose: str, *, role: str | None = None
 ) -> AsyncIterator[tuple[FramedStream, Connection]]:
-    """A short admin connection: connected, Hello answered, closed on exit."""
+    """A short admin connection: connected, Hello answered, closed on exit.  The Hello
+    claims ``role``, by default the role in our certificate (a server's own replica
+    directory works for ``dst status`` on that host), or client without TLS."""
+    if role is None:
+        role = own_role(tls) if tls is not None else "client"
     framed, _ = await connect(address, tls)
     try:
         node = f"{socket.gethostname()}:{os.getpid()}/{purpose}"
@@ -53,6 +57,25 @@ async def fetch_status(address: Address, tls: TlsConfig | None) -> Mapping[str, 
         with trio.fail_after(SETUP_TIMEOUT_S):
             reply = await request(framed, conn, StatusRequest(tid=1), StatusReply)
     return reply.status
+
+
+async def fetch_statuses(
+    addresses: Sequence[Address], tls: TlsConfig | None
+) -> list[Mapping[str, Any] | str]:
+    """The status of every server, asked at once; an unreachable one gives the reason."""
+    results: list[Mapping[str, Any] | str] = ["" for _ in addresses]
+
+    async def one(i: int, address: Address) -> None:
+        try:
+            with trio.fail_after(2 * SETUP_TIMEOUT_S):
+                results[i] = await fetch_status(address, tls)
+        except (OSError, DstError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            results[i] = describe(exc) if not isinstance(exc, trio.TooSlowError) else "timed out"
+
+    async with trio.open_nursery() as nursery:
+        for i, address in enumerate(addresses):
+            nursery.start_soon(one, i, address)
+    return results
 
 
 async def promote(address: Address, volume: str, tls: TlsConfig | None, *, force: bool) -> None:
@@ -97,10 +120,8 @@ def render_status(doc: Mapping[str, Any]) -> str:
     for name, v in doc.get("volumes", {}).items():
         resync = v.get("resync") or {}
         if resync.get("active"):
-            total = max(1, resync["total_bytes"])
-            progress = (
-                f"{100 * resync['done_bytes'] // total}% at {_size(resync['rate_bytes_s'])}/s"
-            )
+            bar = progress_bar(resync["done_bytes"], resync["total_bytes"])
+            progress = f"{bar} at {_size(resync['rate_bytes_s'])}/s"
         else:
             progress = "-"
         oos = v.get("out_of_sync_bytes")
@@ -112,6 +133,22 @@ def render_status(doc: Mapping[str, Any]) -> str:
         if v.get("split_brain"):
             lines.append(f"  {name}: {v.get('handshake')}")
     return "\n".join(lines)
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """``[#########...........]  45%``: resync in ``dst status``, ``dst verify``'s pass."""
+    fraction = min(1.0, done / total) if total > 0 else 1.0
+    filled = int(fraction * width)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {int(fraction * 100):3d}%"
+
+
+def render_statuses(servers: Sequence[str], results: Sequence[Mapping[str, Any] | str]) -> str:
+    """Several servers (``dst status --config``): one block each, unreachable ones named."""
+    blocks = []
+    for server, doc in zip(servers, results, strict=True):
+        body = render_status(doc) if not isinstance(doc, str) else f"unreachable: {doc}"
+        blocks.append(f"== {server} ==\n{body}")
+    return "\n\n".join(blocks)
 
 
 # -- dst verify ---------------------------------------------------------------------------

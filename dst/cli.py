@@ -1,6 +1,8 @@
-"""The ``dst`` command: ``serve``, ``nbd``, ``up``, ``certs`` (more arrive with
-replication).  Every subcommand has ``--help``; configuration mistakes print one line naming
+"""The ``dst`` command: ``serve``, ``nbd``, ``up``, ``status``, ``promote``, ``verify``,
+``certs``.  Every subcommand has ``--help``; configuration mistakes print one line naming
 the flag and value and exit 2; SIGINT/SIGTERM stop a running service cleanly with exit 0.
+``--config FILE`` (dst/config.py) turns a TOML file into flags before parsing; logs are set
+up by dst/logs.py; ``--metrics`` serves dst/metrics.py's collectors.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from pathlib import Path
 
 import trio
 
+from dst.config import apply_config
 from dst.errors import ConfigError, DstError
+from dst.logs import setup_logging
 from dst.net.endpoints import Address, is_loopback, parse_address
 from dst.security.tls import TlsConfig
 from dst.server import Server, ServerConfig
@@ -47,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help="a TOML file of this command's flags (long names as keys); flags given here win",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -82,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="C",
         help="when a replicated write is acknowledged: C (default) stable on both; B done here "
         "and received by the peer; A done here and sent. FLUSH/FUA: stable on both, always",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
     _add_security(p)
 
@@ -119,7 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="claim the volume even while another bridge holds it (it may be partitioned or "
         "paused): the epoch moves on and every later write of the old owner is refused",
     )
+    p.add_argument(
+        "--claim-wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="without --takeover, how long to wait for the bridge holding the volume to let "
+        "go (default 10)",
+    )
     p.add_argument("--node-id", default="", help="name in logs and handshakes")
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
     _add_security(p)
 
     p = sub.add_parser(
@@ -135,14 +163,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help=f"NBD address (default {UP_LISTEN})",
     )
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        default=1 << 30,
+        metavar="SIZE",
+        help="size of vol0 when it is created (default 1G)",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
 
     p = sub.add_parser(
         "status",
-        help="show a server's role, connections and replication state",
+        help="show servers' roles, connections and replication state",
         parents=[common],
+        description="One table per server. With --config FILE and no --server: every server "
+        "the file names ([serve] listen and peer, [nbd] server) and its tls directory. "
+        "Exit 1 if a server is unreachable.",
     )
-    p.add_argument("--server", required=True, metavar="HOST:PORT")
-    p.add_argument("--json", action="store_true", help="the raw status document")
+    p.add_argument(
+        "--server", action="append", metavar="HOST:PORT", help="a server to ask; repeatable"
+    )
+    p.add_argument("--json", action="store_true", help="the raw status document(s)")
     p.add_argument("--tls", metavar="DIR", type=Path, help="node directory from `dst certs issue`")
 
     p = sub.add_parser(
@@ -238,9 +283,18 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     server = Server(_serve_config(args))
+    metrics = parse_address(args.metrics) if args.metrics else None
     server.open_volumes(server.config.volumes)  # configuration errors surface before serving
 
     async def main(nursery: trio.Nursery) -> None:
+        if metrics is not None:
+            from prometheus_client import CollectorRegistry
+
+            from dst.metrics import ServerCollector, serve_metrics
+
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(ServerCollector(server))
+            await nursery.start(serve_metrics, metrics, registry)
         await server.serve()
 
     trio.run(_run_until_signal, main)
@@ -262,6 +316,8 @@ def cmd_nbd(args: argparse.Namespace) -> int:
         tls=tls,
         node_id=args.node_id,
         claim="takeover" if args.takeover else "own",
+        claim_wait_s=args.claim_wait,
+        metrics=parse_address(args.metrics) if args.metrics else None,
     )
 
     stop = trio.Event()
@@ -284,12 +340,17 @@ def cmd_nbd(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from dst.services import UP_VOLUME, run_up
 
+    if args.size <= 0 or args.size % 512:
+        raise ConfigError(f"--size {args.size}: a positive multiple of 512 bytes")
+
     listen: Address = parse_address(args.listen)
+    metrics = parse_address(args.metrics) if args.metrics else None
     data_dir: Path = args.data.resolve()
 
     async def main(nursery: trio.Nursery) -> None:
-        address = await nursery.start(run_up, data_dir, listen)
-        name, size = UP_VOLUME
+        start = partial(run_up, data_dir, listen, metrics=metrics, size=args.size)
+        address = await nursery.start(start)
+        name, size = UP_VOLUME[0], args.size
         uri = f"nbd://{address}/{name}"
         print(
             f"dst up: {uri}  (volume {name}, {size >> 20} MiB, replicated: {data_dir}/primary"
@@ -309,12 +370,32 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from dst.admin import fetch_status, render_status
+    from dst.admin import fetch_status, fetch_statuses, render_status, render_statuses
+    from dst.config import servers_in_file
 
-    tls = TlsConfig.load(args.tls) if args.tls else None
-    doc = trio.run(fetch_status, parse_address(args.server), tls)
-    print(json.dumps(doc, indent=2, default=dict) if args.json else render_status(doc))
-    return 0
+    servers: list[str] = args.server or []
+    tls_dir: Path | None = args.tls
+    if not servers and args.config is not None:
+        servers, file_tls = servers_in_file(args.config)
+        tls_dir = tls_dir or (Path(file_tls) if file_tls else None)
+    if not servers:
+        raise ConfigError(
+            "no server to ask: give --server HOST:PORT or a --config FILE naming some"
+        )
+    tls = TlsConfig.load(tls_dir) if tls_dir else None
+    addresses = [parse_address(s) for s in servers]
+    if len(addresses) == 1 and args.config is None:  # one server: its document, as always
+        doc = trio.run(fetch_status, addresses[0], tls)
+        print(json.dumps(doc, indent=2, default=dict) if args.json else render_status(doc))
+        return 0
+    results = trio.run(fetch_statuses, addresses, tls)
+    if args.json:
+        pairs = zip(servers, results, strict=True)
+        docs = {s: r if not isinstance(r, str) else {"error": r} for s, r in pairs}
+        print(json.dumps(docs, indent=2, default=dict))
+    else:
+        print(render_statuses(servers, results))
+    return 1 if any(isinstance(r, str) for r in results) else 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -339,11 +420,11 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from dst.admin import verify
+    from dst.admin import progress_bar, verify
 
     def progress(done: int, total: int) -> None:
         print(
-            f"\rverify: {100 * done // total:3d}% ({done >> 20}/{total >> 20} MiB)",
+            f"\rverify: {progress_bar(done, total)} ({done >> 20}/{total >> 20} MiB)",
             end="",
             file=sys.stderr,
             flush=True,
@@ -389,11 +470,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return certs_main(argv[1:])
     parser = build_parser()
+    try:
+        argv = apply_config(parser, argv)
+    except ConfigError as exc:
+        return _fail(argv[0] if argv else "", exc)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    setup_logging(getattr(args, "log_level", "INFO"))
     try:
         if args.command == "serve":
             return cmd_serve(args)

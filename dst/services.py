@@ -13,9 +13,12 @@ from functools import partial
 from pathlib import Path
 
 import trio
+from prometheus_client import CollectorRegistry
 
 from dst.client import open_remote
 from dst.fence.handoff import Handoff
+from dst.iostats import IoStats
+from dst.metrics import BridgeCollector, ServerCollector, serve_metrics
 from dst.nbd.bridge import NbdExport, serve_nbd
 from dst.net.endpoints import Address
 from dst.security.tls import TlsConfig
@@ -39,17 +42,23 @@ class BridgeConfig:
     claim: str = "own"
     #: How long an "own" claim waits for the previous owner to let go (EBUSY meanwhile).
     claim_wait_s: float = 10.0
+    #: Serve Prometheus metrics on this address (``--metrics``).
+    metrics: Address | None = None
 
 
 async def run_bridge(
     config: BridgeConfig,
     *,
     stop: trio.Event | None = None,
+    registry: CollectorRegistry | None = None,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``config.volume`` over NBD; ``task_status`` gets the address.  Runs until
     cancelled, or until ``stop`` is set: then it releases the volume gracefully (finishes what
-    is under way, FLUSHes, detaches — dst/fence/handoff.py) and returns."""
+    is under way, FLUSHes, detaches — dst/fence/handoff.py) and returns.  The bridge's metrics
+    go to ``registry`` if given (the caller serves it), else to an endpoint of their own on
+    ``config.metrics`` if set."""
+    io = IoStats()
     async with open_remote(
         config.servers,
         config.volume,
@@ -72,12 +81,17 @@ async def run_bridge(
             volume.epoch,
             config.claim,
         )
+        node = config.node_id or "bridge"
+        collector = BridgeCollector(io, node, lambda: {config.volume: export.layer})
         async with trio.open_nursery() as nursery:
-            address = await nursery.start(
-                partial(
-                    serve_nbd, config.listen, [export], tls=config.tls, page_size=config.page_size
-                )
-            )
+            if registry is not None:
+                registry.register(collector)
+            elif config.metrics is not None:
+                own = CollectorRegistry(auto_describe=False)
+                own.register(collector)
+                await nursery.start(serve_metrics, config.metrics, own)
+            serve = partial(serve_nbd, tls=config.tls, page_size=config.page_size, io=io)
+            address = await nursery.start(serve, config.listen, [export])
             task_status.started(address)
             if stop is None:
                 await trio.sleep_forever()
@@ -90,17 +104,20 @@ async def run_up(
     data_dir: Path,
     listen: Address,
     *,
+    metrics: Address | None = None,
+    size: int = UP_VOLUME[1],
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A replicated pair (primary in ``DIR/primary``, secondary in ``DIR/secondary``) on
-    ephemeral loopback ports, and the NBD bridge on ``listen`` in front of the primary."""
+    ephemeral loopback ports, and the NBD bridge on ``listen`` in front of the primary; with
+    ``metrics``, one Prometheus endpoint for all three."""
     loopback = Address("127.0.0.1", 0)
 
     def server(role: str, peer: Address | None) -> Server:
         srv = Server(
             ServerConfig(
                 data_dir=data_dir / role,
-                volumes=(UP_VOLUME,),
+                volumes=((UP_VOLUME[0], size),),
                 listen=loopback,
                 node_id=f"up-{role}",
                 peer=peer,
@@ -118,5 +135,10 @@ async def run_up(
         bridge = BridgeConfig(
             listen=listen, servers=(primary_address,), volume=UP_VOLUME[0], node_id="up-bridge"
         )
-        nbd_address = await nursery.start(run_bridge, bridge)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ServerCollector(primary))
+        registry.register(ServerCollector(secondary))
+        nbd_address = await nursery.start(partial(run_bridge, bridge, registry=registry))
+        if metrics is not None:
+            await nursery.start(serve_metrics, metrics, registry)
         task_status.started(nbd_address)

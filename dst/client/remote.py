@@ -245,6 +245,8 @@ class RemoteVolume:
         """Send ``cmd`` on the current link, waiting for one if there is none.  A command
         whose link breaks stays pending; the next link resends it."""
         while True:
+            if (cmd.tid, cmd.sub) not in self._pending:
+                return  # answered, or failed while we waited (fenced, closed)
             link = self._link
             if link is None:
                 if not self.config.resend:
@@ -322,6 +324,8 @@ class RemoteVolume:
         self._fail_all(FencedError(f"fenced: {why}"))
         if self._link is not None:
             self._link.broken("fenced")
+        self._link_changed.set()  # wake senders waiting for a link that will not come
+        self._link_changed = trio.Event()
 
     # -- the connection supervisor ---------------------------------------------------------
 
@@ -349,7 +353,8 @@ class RemoteVolume:
                     tid=next(self._ids),
                     owner=self,
                     claim=self._claim(),
-                    epoch=self.epoch,
+                    # A replication link is not an owner: nothing to fence, no epoch to name.
+                    epoch=self.epoch if cfg.role != "replica" else 0,
                 )
             except BlockError as exc:
                 if exc.errno == errno.ESTALE:

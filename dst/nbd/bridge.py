@@ -26,6 +26,7 @@ import trio
 
 from dst.block import Bio, BioFlags, BlockLayer, Op, submit_split, validate_bio
 from dst.errors import BlockError, ProtocolError, RemoteProtocolError
+from dst.iostats import IoStats
 from dst.nbd import protocol as p
 from dst.nbd import transmission as tx
 from dst.nbd.handshake import NeedData, OptionAnswered, Ready, ServerHandshake, StartTls
@@ -268,12 +269,16 @@ class _Connection:
         self._slots.release()
 
     async def _execute(self, req: Request, buf: bytearray | None, cost: int) -> None:
+        # The one place a bridge request is timed and counted by export and op (metrics).
+        io, ok = self.bridge.io, False
+        started = io.begin()
         try:
             try:
                 await self._submit(req, buf)
             except BlockError as exc:
                 self._log(logging.WARNING, "request_failed", f" {req.describe()} error={exc}")
                 return await self._reply_error(req, exc)
+            ok = True
             if buf is not None and req.command == Command.READ:
                 sr = self._structured
                 head = tx.read_reply_header(req.handle, req.offset, len(buf), structured=sr)
@@ -282,6 +287,8 @@ class _Connection:
                 await self._reply(tx.ok_reply(req.handle))
         finally:
             self._release(cost)
+            op = p.name_of(Command, req.command).lower()
+            io.end(self.export, op, req.length, started, ok=ok)
 
     async def _submit(self, req: Request, buf: bytearray | None) -> None:
         # READ, WRITE, FLUSH, TRIM, WRITE_ZEROES share their names with Op; CACHE has no bio:
@@ -322,8 +329,15 @@ class _Connection:
 class _Bridge:
     """What every connection of one serve_nbd shares."""
 
-    def __init__(self, exports: Sequence[NbdExport], tls: TlsConfig | None, page_size: int):
+    def __init__(
+        self,
+        exports: Sequence[NbdExport],
+        tls: TlsConfig | None,
+        page_size: int,
+        io: IoStats | None = None,
+    ):
         self.page_size = page_size
+        self.io = io if io is not None else IoStats()
         self.layers = {e.name: e.layer for e in exports}
         self.infos = [e.info(page_size) for e in exports]
         check_exports(self.infos)
@@ -340,6 +354,7 @@ async def serve_nbd(
     *,
     tls: TlsConfig | None = None,
     page_size: int = 4096,
+    io: IoStats | None = None,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``exports`` over NBD on ``listen`` until cancelled; ``task_status.started`` gets
@@ -347,7 +362,7 @@ async def serve_nbd(
     client certificate from the same CA (FORCEDTLS); without, on a non-loopback address, the
     bridge warns and serves (refusing is the CLI's call: ``--insecure``).  Bad configuration
     (no exports, duplicate or over-long names, a bad page size) is a ConfigError up front."""
-    bridge = _Bridge(exports, tls, page_size)
+    bridge = _Bridge(exports, tls, page_size, io)
     if tls is None and not is_loopback(listen.host):
         log.warning("listen=%s event=plaintext reason='no TLS on a non-loopback address'", listen)
     listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)

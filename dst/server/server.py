@@ -21,6 +21,7 @@ import trio
 from dst.block import Limits
 from dst.client.remote import RemoteVolume
 from dst.errors import BlockError, ConfigError
+from dst.iostats import IoStats
 from dst.net.endpoints import Address, serve
 from dst.net.framed import FramedStream
 from dst.replication.peer import open_peer
@@ -81,7 +82,9 @@ class Server:
                 f"role {config.role!r} with peer {config.peer}: --peer and --role go together"
             )
         self.stats: Counter[str] = Counter()
+        self.io = IoStats()  # per volume and op, for metrics (see dst.iostats)
         self.sessions: Counter[str] = Counter()  # live sessions by peer role
+        self.links: Counter[str] = Counter()  # the same, with "replication" for peer links
         self.started_at = 0.0
         self.listen_address: Address | None = None
 
@@ -119,7 +122,7 @@ class Server:
             return  # already primary: promote is idempotent
         if self.role != "secondary":
             raise BlockError(errno.EINVAL, f"this server is {self.role}, not a secondary")
-        if self.sessions.get("replica") and not force:
+        if self.links.get("replication") and not force:
             raise BlockError(
                 errno.EBUSY,
                 "the primary is still connected to this secondary; stop it first "

@@ -110,12 +110,17 @@ class Session:
         try:
             if not await self._handshake():
                 return
+            # A primary's replication link, as opposed to other replica-role sessions
+            # (dst verify, an operator with a replica certificate).
+            link = "replication" if self.node.endswith(REPLICATION_NODE_SUFFIX) else self.role
             self.server.sessions[self.role] += 1
+            self.server.links[link] += 1
             try:
                 async with trio.open_nursery() as nursery:
                     await self._read_loop(nursery)
             finally:
                 self.server.sessions[self.role] -= 1
+                self.server.links[link] -= 1
                 for volume in self.claimed:
                     volume.ownership.release(self.node)
                 # Clean EOF: requests already running finish and answer before we close.
@@ -383,9 +388,11 @@ class Session:
                 )
             )
             return
-        claim = msg.claim if self.role != "replica" else "share"
+        # A replication peer is not an owner: its primary fenced what it sends.
+        replica = self.role == "replica"
+        claim = "share" if replica else msg.claim
         try:
-            epoch = await volume.ownership.claim(self.node, claim, msg.epoch)
+            epoch = await volume.ownership.claim(self.node, claim, 0 if replica else msg.epoch)
         except BlockError as exc:
             await self._answer(msg.tid, 0, exc.errno, str(exc))
             return
@@ -415,8 +422,10 @@ class Session:
 
     async def _run_request(self, msg: DataRequest, pages: Pages | None) -> None:
         stats = self.server.stats
+        # The one place a server request is timed and counted by volume and op (metrics).
+        started, ok = self.server.io.begin(), False
+        volume = self.handles.get(msg.handle)
         try:
-            volume = self.handles.get(msg.handle)
             try:
                 if volume is None:
                     raise BlockError(errno.EBADF, f"handle {msg.handle} is not attached")
@@ -441,17 +450,36 @@ class Session:
                 if isinstance(exc, FencedError):
                     stats["stale_writes"] += 1
                 stats["errors"] += 1
+                # A stale epoch is the fence doing its job (INFO); anything else is news.
+                level = logging.INFO if exc.errno == errno.ESTALE else logging.WARNING
+                log.log(
+                    level,
+                    "peer=%s node=%s volume=%s tid=%d sub=%d op=%s event=request_failed "
+                    "errno=%d reason=%r",
+                    self.peer,
+                    self.node,
+                    volume.name if volume is not None else "-",
+                    msg.tid,
+                    msg.sub,
+                    OPS[type(msg)].name.lower(),
+                    exc.errno,
+                    str(exc),
+                )
                 await self._reply(
                     Reply(tid=msg.tid, sub=msg.sub, errno=exc.errno, message=str(exc))
                 )
                 return
             stats[bio.op.name.lower()] += 1
             stats["bytes_" + bio.op.name.lower()] += bio.length
+            ok = True
             data = pages.views if pages is not None and bio.op is Op.READ else None
             await self._reply(Reply(tid=msg.tid, sub=msg.sub, errno=0, message=""), data)
         finally:
             if pages is not None:
                 pages.release()
+            name = volume.name if volume is not None else "-"
+            length = 0 if isinstance(msg, FlushRequest) else msg.length
+            self.server.io.end(name, OPS[type(msg)].name.lower(), length, started, ok=ok)
 
 
 def data_crc_continue(crc: int, views: list[memoryview]) -> int:

@@ -55,7 +55,7 @@ def _volume(server: Server, volume: Volume) -> dict[str, StatusValue]:
         }
         doc["degraded_writes"] = s.degraded_writes
     elif server.role == "secondary":
-        doc["connection"] = "connected" if server.sessions.get("replica") else "disconnected"
+        doc["connection"] = "connected" if server.links.get("replication") else "disconnected"
         doc["disk"] = "secondary"
     state = volume.state
     if state is not None:

@@ -105,7 +105,7 @@ async def the_late_write_is_fenced(tmp_path: Path, servers: list[Address]) -> No
             a.kill(signal.SIGSTOP)
             await late.stdin.send_all(b"go\n")  # the write waits in frozen A's socket
 
-            plain = bridge(tmp_path, "bridge-c", servers)
+            plain = bridge(tmp_path, "bridge-c", servers, "--claim-wait", "0")
             with plain as c, pytest.raises(RuntimeError, match="held by bridge-a"):
                 c.start()  # an ordinary claim is refused while A's session lives
             b.start()  # --takeover: the epoch moves on
