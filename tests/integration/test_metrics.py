@@ -9,6 +9,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -190,6 +191,17 @@ async def test_a_failed_request_is_one_log_line_and_one_error_sample(
     assert [s.value for s in errors if s.name == "dst_io_errors_total"] == [1.0]
 
 
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """main() sets up dst's logging on the root logger; put the test session's back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("root_logging")
 @pytest.mark.parametrize(
     "argv",
     [
