@@ -13,6 +13,15 @@ fails its crc, keepalive silence), the supervisor reconnects with backoff, attac
 resends every command that has no reply yet — writes are idempotent, and none of them was
 acknowledged to the user, so resending is safe.  After ``max_retries`` consecutive failed
 attempts, pending and new I/O fails with EIO until a connection succeeds again.
+
+**FAILFAST** (seed 004, for mirror legs): a bio with ``BioFlags.FAILFAST`` is never resent
+and never waits for a link; it has a deadline (``failfast_timeout_s``).  The first FAILFAST bio
+that fails or expires *trips* the volume: every FAILFAST bio pending on it fails back at once
+with the same error (not each after its own timeout), and new FAILFAST bios fail at once until
+the server answers something again.  Commands failed back while on the wire become *orphans*:
+they keep their in-flight slot until the server answers them (or the link dies), so the window
+stays honest and :meth:`RemoteVolume.wait_orphans_settled` can tell when no stale write of
+theirs can still land.  Bios without the flag behave exactly as before (full retries).
 """
 
 from __future__ import annotations
@@ -24,88 +33,34 @@ import os
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 import trio
 
-from dst.block import Bio, Limits, Op, split, validate_bio
+from dst.block import Bio, BioFlags, Limits, Op, split, validate_bio
 from dst.block.layer import closed_error
+from dst.client.commands import (
+    ORPHAN_SETTLE_S,
+    Command,
+    RemoteConfig,
+    RemoteStatistics,
+    Transaction,
+    request_message,
+)
 from dst.client.link import Link, LinkBroken, open_link
 from dst.errors import BlockError, ConfigError, ProtocolError
-from dst.net.convert import page_runs
 from dst.net.endpoints import Address
 from dst.security.tls import TlsConfig
 from dst.wire import (
     MAX_PAGE_RUNS,
-    FlushRequest,
-    Message,
-    ReadRequest,
     Reply,
-    TrimRequest,
-    WriteRequest,
-    WriteZeroesRequest,
 )
+
+__all__ = ["CONNECT_ERRORS", "RemoteConfig", "RemoteVolume", "open_remote"]
 
 log = logging.getLogger("dst.client")
 
 #: How a connection attempt fails: unreachable, refused, broken, or answered with an error.
 CONNECT_ERRORS = (OSError, trio.BrokenResourceError, ProtocolError, BlockError, trio.TooSlowError)
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteConfig:
-    address: Address
-    volume: str
-    tls: TlsConfig | None = None
-    role: str = "client"
-    node_id: str = ""
-    page_size: int = 4096
-    # Consecutive failed connection attempts before pending I/O fails with EIO (backoff grows
-    # from 50 ms to 1 s, so the default rides out a server restart of ~15 s).
-    max_retries: int = 20
-    keepalive_s: float = 2.0
-    # No frame at all for this long (pings included) and the connection is presumed dead.
-    dead_after_s: float = 10.0
-    # False for a replication peer: when the link breaks, pending commands fail at once with
-    # ENOTCONN (the replication layer records them in its dirty bitmap) instead of waiting
-    # for a reconnect; reconnecting goes on in the background.
-    resend: bool = True
-    # Other servers that hold the volume (a replicated pair): the client attaches wherever
-    # the volume is primary — a secondary refuses the attach with EROFS — and after a
-    # failover follows it to the other server.
-    alternates: tuple[Address, ...] = ()
-
-
-@dataclass(eq=False, slots=True)
-class Transaction:
-    remaining: int
-    done: trio.Event = field(default_factory=trio.Event)
-    error: BlockError | None = None
-
-    def finish_one(self, error: BlockError | None) -> None:
-        if error is not None and self.error is None:
-            self.error = error
-        self.remaining -= 1
-        if self.remaining == 0:
-            self.done.set()
-
-
-@dataclass(eq=False, slots=True)
-class Command:
-    tid: int
-    sub: int
-    piece: Bio
-    txn: Transaction
-    generation: int = -1  # the link it was last sent on
-
-
-@dataclass(slots=True)
-class RemoteStatistics:
-    transactions: int = 0
-    commands: int = 0
-    resent: int = 0
-    reconnects: int = 0
-    failed: int = 0
 
 
 class RemoteVolume:
@@ -131,6 +86,12 @@ class RemoteVolume:
         self._giving_up = False
         self._slots: trio.Semaphore | None = None
         self._closed = False
+        # FAILFAST state (module docstring): the deadline scopes of FAILFAST bios in flight,
+        # the error that tripped the volume, and orphans (key -> link generation).
+        self._failfast_scopes: set[trio.CancelScope] = set()
+        self._failfast_error: BlockError | None = None
+        self._orphans: dict[tuple[int, int], int] = {}
+        self._orphans_dropped_at = -float("inf")
         self.stats = RemoteStatistics()
 
     # -- the block layer interface --------------------------------------------------------
@@ -157,13 +118,21 @@ class RemoteVolume:
         if self._slots is None or (self._link is None and not self.config.resend):
             raise BlockError(errno.ENOTCONN, f"not connected to {self.config.address}")
         validate_bio(bio, self._limits, self._size)
+        if bio.flags & BioFlags.FAILFAST:
+            await self._submit_failfast(bio)
+        else:
+            await self._submit(bio, Transaction(0))
+
+    async def _submit(self, bio: Bio, txn: Transaction) -> None:
+        assert self._slots is not None
         pieces = split(bio, self._limits)
-        txn = Transaction(len(pieces))
+        txn.remaining = len(pieces)
         tid = next(self._ids)
         self.stats.transactions += 1
         for sub, piece in enumerate(pieces):
             await self._slots.acquire()
             cmd = Command(tid, sub, piece, txn)
+            txn.commands.append(cmd)
             self._pending[(tid, sub)] = cmd
             self.stats.commands += 1
             await self._send(cmd)
@@ -171,35 +140,91 @@ class RemoteVolume:
         if txn.error is not None:
             raise txn.error
 
+    # -- FAILFAST (module docstring) ----------------------------------------------------------
+
+    @property
+    def failfast_tripped(self) -> bool:
+        return self._failfast_error is not None
+
+    async def _submit_failfast(self, bio: Bio) -> None:
+        if self._failfast_error is not None:
+            raise self._failfast_error
+        if self._link is None:
+            raise self._trip(BlockError(errno.ENOTCONN, f"{self.config.address} not connected"))
+        txn = Transaction(0)
+        timeout = self.config.failfast_timeout_s
+        with trio.CancelScope(deadline=trio.current_time() + (timeout or float("inf"))) as scope:
+            self._failfast_scopes.add(scope)
+            try:
+                await self._submit(bio, txn)
+                return
+            except BlockError as exc:
+                raise self._trip(exc) from None
+            finally:
+                self._failfast_scopes.discard(scope)
+                if not txn.done.is_set():
+                    self._orphan(txn)
+        # Cancelled: our own deadline, or another FAILFAST bio tripped the volume.
+        raise self._trip(
+            BlockError(errno.ETIMEDOUT, f"no answer from {self.config.address} within {timeout} s")
+        )
+
+    def _trip(self, error: BlockError) -> BlockError:
+        """The first FAILFAST failure: fail every FAILFAST bio pending here at once."""
+        if self._failfast_error is not None:
+            return self._failfast_error
+        error = BlockError(error.errno, f"failfast: {error}")
+        self._failfast_error = error
+        self.stats.failfast_trips += 1
+        pending = len(self._failfast_scopes)
+        for scope in self._failfast_scopes:
+            scope.cancel()
+        log.warning(
+            "volume=%s server=%s event=failfast_tripped failed_back=%d reason=%r",
+            self.config.volume,
+            self.config.address,
+            pending,
+            str(error),
+        )
+        return error
+
+    def _orphan(self, txn: Transaction) -> None:
+        """Take an abandoned transaction's commands out of ``_pending``.  One already on the
+        wire keeps its slot until its answer (or its link's death) — the server counts it."""
+        assert self._slots is not None
+        link = self._link
+        for cmd in txn.commands:
+            key = (cmd.tid, cmd.sub)
+            if self._pending.pop(key, None) is None:
+                continue
+            self.stats.failed += 1
+            if link is not None and cmd.generation == link.generation:
+                self._orphans[key] = cmd.generation
+                self.stats.orphans += 1
+            else:
+                self._slots.release()
+
+    def _drop_orphans(self) -> None:
+        """The link died: its orphans will never be answered; give back their slots."""
+        if self._orphans:
+            assert self._slots is not None
+            for _ in range(len(self._orphans)):
+                self._slots.release()
+            self._orphans.clear()
+            self._orphans_dropped_at = trio.current_time()
+
+    async def wait_orphans_settled(self) -> None:
+        """Wait until no failed-back command can still land on the server: every orphan
+        answered, and ORPHAN_SETTLE_S passed since a link died with orphans on it."""
+        while self._orphans:
+            await trio.sleep(0.05)
+        await trio.sleep_until(self._orphans_dropped_at + ORPHAN_SETTLE_S)
+
     async def aclose(self) -> None:
         self._closed = True
         self._fail_all(BlockError(errno.ESHUTDOWN, "volume closed while the request was pending"))
 
     # -- sending ---------------------------------------------------------------------------
-
-    def _request(self, cmd: Command, link: Link) -> Message:
-        piece = cmd.piece
-        common = {"tid": cmd.tid, "sub": cmd.sub, "handle": link.handle}
-        flags = int(piece.flags)
-        if piece.op is Op.READ:
-            pages = page_runs(piece, self.config.page_size)
-            return ReadRequest(offset=piece.offset, length=piece.length, pages=pages, **common)
-        if piece.op is Op.WRITE:
-            pages = page_runs(piece, self.config.page_size)
-            return WriteRequest(
-                offset=piece.offset,
-                length=piece.length,
-                epoch=link.epoch,
-                pages=pages,
-                flags=flags,
-                **common,
-            )
-        if piece.op is Op.FLUSH:
-            return FlushRequest(flags=flags, **common)
-        cls = TrimRequest if piece.op is Op.TRIM else WriteZeroesRequest
-        return cls(
-            offset=piece.offset, length=piece.length, epoch=link.epoch, flags=flags, **common
-        )
 
     async def _send(self, cmd: Command) -> None:
         """Send ``cmd`` on the current link, waiting for one if there is none.  A command
@@ -207,7 +232,7 @@ class RemoteVolume:
         while True:
             link = self._link
             if link is None:
-                if not self.config.resend:
+                if not self.config.resend or cmd.piece.flags & BioFlags.FAILFAST:
                     self._complete(cmd, BlockError(errno.ENOTCONN, "peer link down"))
                     return
                 if self._giving_up:
@@ -220,9 +245,15 @@ class RemoteVolume:
             cmd.generation = link.generation
             data = cmd.piece.views() if cmd.piece.op is Op.WRITE else ()
             try:
-                await link.send(self._request(cmd, link), data)
+                msg = request_message(cmd, link.handle, link.epoch, self.config.page_size)
+                await link.send(msg, data)
             except (LinkBroken, trio.BrokenResourceError, trio.ClosedResourceError):
                 link.broken("send failed")
+            except trio.Cancelled:
+                # A FAILFAST deadline cut the send short: the frame may be half on the wire
+                # and the connection state counts it, so this link cannot be trusted again.
+                link.broken("send cancelled by a failfast deadline")
+                raise
             return
 
     def _down_message(self) -> str:
@@ -247,10 +278,16 @@ class RemoteVolume:
     def on_reply(self, reply: Reply) -> Command | None:
         """Called by the link's reader for each reply; returns the command for a successful
         READ so the reader can receive its data into the command's buffers first."""
-        return self._pending.get((reply.tid, reply.sub))
+        key = (reply.tid, reply.sub)
+        if self._orphans.pop(key, None) is not None:
+            assert self._slots is not None
+            self._slots.release()  # the server has finished it: the slot is free again
+        return self._pending.get(key)
 
     def on_done(self, cmd: Command, reply: Reply) -> None:
         err = None if reply.errno == 0 else BlockError(reply.errno, reply.message)
+        if err is None:
+            self._failfast_error = None  # the server answers again
         self._complete(cmd, err)
 
     # -- the connection supervisor ---------------------------------------------------------
@@ -354,6 +391,7 @@ class RemoteVolume:
                     link.run_keepalive, self.config.keepalive_s, self.config.dead_after_s
                 )
                 self._set_link(link)
+                self._failfast_error = None  # a new link: the server answers again
                 # Resend what the last link left unanswered, oldest first.
                 for key in sorted(self._pending):
                     cmd = self._pending[key]
@@ -365,8 +403,14 @@ class RemoteVolume:
                 nursery.cancel_scope.cancel()
         finally:
             self._set_link(None)
+            self._drop_orphans()
+            lost = BlockError(errno.ENOTCONN, f"link lost: {link.reason}")
             if not self.config.resend:
-                self._fail_all(BlockError(errno.ENOTCONN, f"peer link lost: {link.reason}"))
+                self._fail_all(lost)
+            else:  # FAILFAST commands are never resent
+                for cmd in list(self._pending.values()):
+                    if cmd.piece.flags & BioFlags.FAILFAST:
+                        self._complete(cmd, lost)
             await trio.aclose_forcefully(link.framed.stream)
         log.warning(
             "volume=%s server=%s event=disconnected reason=%r pending=%d",
