@@ -34,6 +34,16 @@ def _page_size(text: str) -> int:
     return size
 
 
+def _failfast_timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--failfast-timeout {text!r}: not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--failfast-timeout {text!r}: must be >= 0 seconds")
+    return value
+
+
 def _add_security(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tls", metavar="DIR", type=Path, help="node directory from `dst certs issue`")
@@ -107,6 +117,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="the bridge's page size (segments of the bios it builds)",
     )
     p.add_argument("--node-id", default="", help="name in logs and handshakes")
+    p.add_argument(
+        "--mirror",
+        action="store_true",
+        help="keep a copy on every --server (a failfast mirror) instead of following a primary",
+    )
+    p.add_argument(
+        "--failfast-timeout",
+        type=_failfast_timeout,
+        default=1.0,
+        metavar="SECONDS",
+        help="mirror: deadline of a leg's request before the leg is dropped "
+        "(default 1; 0: no deadline, a hung leg is dropped at keepalive death, ~10 s)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("dst-bridge"),
+        metavar="DIR",
+        help="mirror: the legs' dirty bitmaps and NAME.mirror.json status (default dst-bridge)",
+    )
     _add_security(p)
 
     p = sub.add_parser(
@@ -222,6 +252,9 @@ def cmd_nbd(args: argparse.Namespace) -> int:
         page_size=args.page_size,
         tls=tls,
         node_id=args.node_id,
+        mirror=args.mirror,
+        failfast_timeout_s=args.failfast_timeout or None,
+        state_dir=args.state_dir,
     )
 
     async def main(nursery: trio.Nursery) -> None:

@@ -1,19 +1,23 @@
 """The long-running services behind ``dst nbd`` and ``dst up``, as async functions.
 
-``run_bridge`` attaches a volume through the client-side stack (today one ``RemoteVolume``)
-and serves it as an NBD export.  ``run_up`` is the embedded default: a replicated pair and the
+``run_bridge`` attaches a volume through the client-side stack (one ``RemoteVolume``, or with
+``mirror`` a failfast :class:`~dst.mirror.Mirror` over one per server) and serves it as an NBD
+export.  ``run_up`` is the embedded default: a replicated pair and the
 bridge in one process on loopback, for a laptop, a demo or a test.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
+from dst.block import BlockLayer
 from dst.client import open_remote
+from dst.mirror import open_mirror
 from dst.nbd.bridge import NbdExport, serve_nbd
 from dst.net.endpoints import Address
 from dst.security.tls import TlsConfig
@@ -32,20 +36,37 @@ class BridgeConfig:
     page_size: int = 4096
     tls: TlsConfig | None = None
     node_id: str = ""
+    # A failfast mirror over every server (dst.mirror) instead of following a primary.
+    mirror: bool = False
+    failfast_timeout_s: float | None = 1.0  # None: no deadline (keepalive death only)
+    state_dir: Path = Path("dst-bridge")  # the mirror legs' bitmaps and status file
 
 
 async def run_bridge(
     config: BridgeConfig, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Serve ``config.volume`` over NBD until cancelled; ``task_status`` gets the address."""
-    async with open_remote(
-        config.servers,
-        config.volume,
-        tls=config.tls,
-        role="bridge",
-        node_id=config.node_id,
-        page_size=config.page_size,
-    ) as volume:
+    stack: AbstractAsyncContextManager[BlockLayer]
+    if config.mirror:
+        stack = open_mirror(
+            config.servers,
+            config.volume,
+            state_dir=config.state_dir,
+            failfast_timeout_s=config.failfast_timeout_s,
+            tls=config.tls,
+            node_id=config.node_id,
+            page_size=config.page_size,
+        )
+    else:
+        stack = open_remote(
+            config.servers,
+            config.volume,
+            tls=config.tls,
+            role="bridge",
+            node_id=config.node_id,
+            page_size=config.page_size,
+        )
+    async with stack as volume:
         # Every NBD connection shares this one stack, and a FLUSH reaches the server's
         # fdatasync, which covers every write any connection had acknowledged: so a flush on
         # one connection covers all of them, which is what CAN_MULTI_CONN promises.

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from dst.block import Bio, Op
+from dst.block import Bio, BioFlags, Op
 from dst.errors import BlockError
 from dst.net.convert import page_runs
 from dst.net.endpoints import Address
@@ -120,6 +120,7 @@ def request_message(cmd: Command, handle: int, epoch: int, page_size: int) -> Me
             **common,
         )
     if piece.op is Op.FLUSH:
-        return FlushRequest(flags=flags, **common)
+        # FUA and PREFLUSH say nothing more about a FLUSH, and the wire allows only FAILFAST.
+        return FlushRequest(flags=flags & BioFlags.FAILFAST, **common)
     cls = TrimRequest if piece.op is Op.TRIM else WriteZeroesRequest
     return cls(offset=piece.offset, length=piece.length, epoch=epoch, flags=flags, **common)

@@ -433,6 +433,7 @@ async def open_remote(
     max_retries: int = 20,
     keepalive_s: float = 2.0,
     dead_after_s: float = 10.0,
+    failfast_timeout_s: float | None = 1.0,
 ) -> AsyncIterator[RemoteVolume]:
     """Connect to ``address``, attach ``volume`` and yield it as a block layer.
 
@@ -459,6 +460,7 @@ async def open_remote(
         keepalive_s,
         dead_after_s,
         alternates=tuple(servers[1:]),
+        failfast_timeout_s=failfast_timeout_s,
     )
     remote = RemoteVolume(config)
     first = await remote._connect()
