@@ -173,7 +173,7 @@ class RemoteVolume:
         """The first FAILFAST failure: fail every FAILFAST bio pending here at once."""
         if self._failfast_error is not None:
             return self._failfast_error
-        error = BlockError(error.errno, f"failfast: {error}")
+        error = BlockError(error.errno, f"failfast: {error.args[0] if error.args else ''}")
         self._failfast_error = error
         self.stats.failfast_trips += 1
         pending = len(self._failfast_scopes)

@@ -1,0 +1,178 @@
+"""The failfast mirror with real `dst serve` processes, the `dst nbd --mirror` bridge and a real
+NBD client (nbdsh): one leg frozen (SIGSTOP) under a write load is dropped and no write fails;
+then the last good leg frozen for seconds makes a write wait, and it succeeds; then the frozen
+leg resumes and gets back exactly its dirty extents, after which the legs' files are identical.
+Also RemoteVolume's FAILFAST against a frozen server: one expiry fails every pending request."""
+
+from __future__ import annotations
+
+import errno
+import filecmp
+import json
+import re
+import signal
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from dst.block import Bio, BioFlags, Op
+from dst.client import open_remote
+from dst.errors import BlockError
+from tests.integration.harness import ServerProcess, bridge_process, free_port
+from tests.integration.nbdtools import run
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+#: Only keeps a broken test from hanging; nothing is asserted about time.
+GUARD_S = 90
+
+LOAD = """
+import os, sys, time
+stop, i, worst = STOP, 0, 0.0
+while not os.path.exists(stop) or i < 20:
+    data = bytes([i % 251 + 1]) * 65536
+    t = time.monotonic()
+    h.pwrite(data, (i * 37 % 256) * 262144)
+    worst = max(worst, time.monotonic() - t)
+    i += 1
+h.flush()
+print("writes", i, "worst", round(worst, 3))
+"""
+
+
+def servers(tmp_path: Path) -> tuple[ServerProcess, ServerProcess]:
+    return tuple(  # type: ignore[return-value]
+        ServerProcess(tmp_path / n, free_port(), "vol0=64M", tmp_path / f"{n}.log") for n in "ab"
+    )
+
+
+def status(path: Path) -> list[dict[str, Any]]:
+    try:
+        legs: list[dict[str, Any]] = json.loads(path.read_text())["legs"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return legs
+
+
+async def wait_state(path: Path, leg: int, state: str) -> dict[str, Any]:
+    with trio.fail_after(GUARD_S):
+        while True:
+            legs = status(path)
+            if legs and legs[leg]["state"] == state:
+                return legs[leg]
+            await trio.sleep(0.1)
+
+
+async def test_failfast_mirror_through_the_nbd_bridge(tmp_path: Path) -> None:
+    a, b = servers(tmp_path)
+    state_dir = tmp_path / "state"
+    status_file = state_dir / "vol0.mirror.json"
+    stop_file = tmp_path / "stop"
+    try:
+        a.start()
+        b.start()
+        extra = ("--server", str(b.address), "--mirror", "--state-dir", str(state_dir))
+        with bridge_process(tmp_path, a.address, "vol0", *extra) as bridge:
+            bridge.start()
+            uri = f"nbd://{bridge.address}/vol0"
+            await wait_state(status_file, 1, "in_sync")
+
+            # 1. Leg B freezes under a write load: it is dropped, and no write fails.
+            async with trio.open_nursery() as nursery:
+                result: list[str] = []
+
+                async def load() -> None:
+                    argv = ["nbdsh", "-u", uri, "-c", LOAD.replace("STOP", repr(str(stop_file)))]
+                    out = await run(argv, debian=True, timeout_s=GUARD_S)
+                    result.append(out.stdout.decode())
+
+                nursery.start_soon(load)
+                await trio.sleep(0.5)
+                b.kill(signal.SIGSTOP)
+                erred = await wait_state(status_file, 1, "erred")
+                await trio.sleep(0.5)  # the load goes on over leg A alone
+                stop_file.touch()
+            assert "failfast" in erred["reason"], erred
+            writes = int(re.search(r"writes (\d+)", result[0]).group(1))  # type: ignore[union-attr]
+            assert writes > 20, result
+
+            # 2. The last good leg freezes for seconds: a write waits for it and succeeds.
+            async with trio.open_nursery() as nursery:
+                script = "h.pwrite(b'\\xaa' * 65536, 0); h.flush()"
+                nursery.start_soon(partial(run, ["nbdsh", "-u", uri, "-c", script], debian=True))
+                await trio.sleep(0.3)
+                a.kill(signal.SIGSTOP)
+                await trio.sleep(3)
+                a.kill(signal.SIGCONT)
+            legs = status(status_file)
+            assert legs[0]["state"] == "in_sync", "the last good leg was dropped"
+            log = (tmp_path / "bridge.log").read_text()
+            assert f"event=leg_erred leg={a.address}" not in log
+
+            # 3. B resumes: only its dirty extents are resynced, and the legs end identical.
+            dirty = legs[1]["dirty_bytes"]
+            assert 0 < dirty < SIZE // 2, legs
+            b.kill(signal.SIGCONT)
+            back = await wait_state(status_file, 1, "in_sync")
+            log = (tmp_path / "bridge.log").read_text()
+            copied = re.findall(rf"event=leg_resync_finished leg={b.address} bytes=(\d+)", log)
+            assert [int(c) for c in copied] == [dirty], log[-3000:]
+            assert back["dirty_bytes"] == 0 and back["resynced_bytes"] == dirty
+        assert filecmp.cmp(a.data_dir / "vol0.img", b.data_dir / "vol0.img", shallow=False)
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_one_expired_failfast_request_fails_all_pending_at_once(tmp_path: Path) -> None:
+    (server,) = servers(tmp_path)[:1]
+    server.start()
+    try:
+        async with open_remote(server.address, "vol0", failfast_timeout_s=1.0) as vol:
+            await vol.submit(Bio.from_buffer(Op.WRITE, 0, b"\x01" * 4096, flags=BioFlags.FAILFAST))
+            server.kill(signal.SIGSTOP)
+            errors: list[BlockError] = []
+
+            async def write(i: int, delay_s: float) -> None:
+                await trio.sleep(delay_s)
+                data = bytes([i]) * 4096
+                try:
+                    await vol.submit(
+                        Bio.from_buffer(Op.WRITE, (i + 1) * 4096, data, flags=BioFlags.FAILFAST)
+                    )
+                except BlockError as exc:
+                    errors.append(exc)
+
+            with trio.fail_after(GUARD_S):
+                async with trio.open_nursery() as nursery:
+                    for i in range(16):
+                        # Staggered: later ones would expire later on their own deadlines.
+                        nursery.start_soon(write, i, 0.05 * i)
+            assert len(errors) == 16
+            assert len({str(e) for e in errors}) == 1, "all failed back with the first error"
+            assert errors[0].errno == errno.ETIMEDOUT and "failfast" in str(errors[0])
+            assert vol.stats.failfast_trips == 1
+            # Tripped: a new FAILFAST request fails at once, without reaching the server.
+            try:
+                await vol.submit(
+                    Bio.from_buffer(Op.READ, 0, bytearray(4096), flags=BioFlags.FAILFAST)
+                )
+            except BlockError as exc:
+                assert str(exc) == str(errors[0])
+            else:
+                raise AssertionError("a tripped volume took a FAILFAST request")
+            server.kill(signal.SIGCONT)
+            with trio.fail_after(GUARD_S):
+                # Without the flag: full retries; it is answered once the server runs again.
+                buf = bytearray(4096)
+                await vol.submit(Bio.from_buffer(Op.READ, 0, buf))
+                await vol.wait_orphans_settled()
+            assert buf == b"\x01" * 4096
+            # The failed-back writes were on the wire: the server did them once it ran again.
+            assert vol.stats.orphans == 16
+            await vol.submit(Bio.from_buffer(Op.WRITE, 0, b"\x02" * 4096, flags=BioFlags.FAILFAST))
+            assert not vol.failfast_tripped
+    finally:
+        server.stop()
