@@ -434,12 +434,13 @@ async def open_remote(
     keepalive_s: float = 2.0,
     dead_after_s: float = 10.0,
     failfast_timeout_s: float | None = 1.0,
+    must_connect: bool = True,
 ) -> AsyncIterator[RemoteVolume]:
     """Connect to ``address``, attach ``volume`` and yield it as a block layer.
 
     ``address`` may list several servers (a replicated pair): the volume is attached where it
-    is primary.  The first connection must succeed (so size and limits are known); later
-    outages are ridden out as the module docstring describes.
+    is primary.  The first connection must succeed (so size and limits are known) unless
+    ``must_connect`` is False; later outages are ridden out as the module docstring describes.
     """
     from dst.net.endpoints import parse_address
 
@@ -463,8 +464,18 @@ async def open_remote(
         failfast_timeout_s=failfast_timeout_s,
     )
     remote = RemoteVolume(config)
-    first = await remote._connect()
-    remote._adopt(first)
+    first: Link | None = None
+    try:
+        first = await remote._connect()
+        remote._adopt(first)
+    except CONNECT_ERRORS as exc:
+        if must_connect:
+            raise
+        # A mirror leg that is down at start: the supervisor keeps trying; until it connects,
+        # ``size`` is 0 and submits fail with ENOTCONN.
+        log.warning(
+            "volume=%s server=%s event=connect_failed reason=%r", volume, servers[0], str(exc)
+        )
     async with trio.open_nursery() as nursery:
         await nursery.start(remote.run, first)
         try:

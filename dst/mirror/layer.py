@@ -80,10 +80,13 @@ class Mirror:
     def __init__(self, legs: Sequence[Leg], *, resync_rate: int = DEFAULT_RESYNC_RATE) -> None:
         if not legs:
             raise ConfigError("a mirror needs at least one leg")
-        sizes = {leg.layer.size for leg in legs}
-        if len(sizes) != 1:
+        # A leg whose server was down at start has size 0 until it connects.
+        sizes = {leg.layer.size for leg in legs if leg.layer.size}
+        if len(sizes) > 1:
             named = ", ".join(f"{leg.name}={leg.layer.size}" for leg in legs)
             raise ConfigError(f"mirror legs differ in size: {named}")
+        if not sizes:
+            raise ConfigError("no mirror leg is reachable")
         self.legs = list(legs)
         self.resync_rate = resync_rate
         self._size = sizes.pop()
@@ -91,13 +94,26 @@ class Mirror:
         for leg in legs[1:]:
             limits = limits.stack(leg.layer.limits)
         self._limits: Limits = limits
-        self.table = LegTable.start([leg.bitmap.dirty_bytes > 0 for leg in legs])
+        usable = [leg.layer.size > 0 and not leg.bitmap.dirty_bytes for leg in legs]
+        try:
+            self.table = LegTable.start(usable)
+        except ValueError:
+            states = ", ".join(
+                f"{leg.name} {'dirty' if leg.bitmap.dirty_bytes else 'clean'}"
+                f"{'' if leg.layer.size else ' unreachable'}"
+                for leg in legs
+            )
+            raise ConfigError(
+                f"no mirror leg is both reachable and in sync ({states}): serving a leg that "
+                "misses writes would return stale data; start its server, or delete the "
+                "bitmap of the leg you choose to trust"
+            ) from None
         self._locks = RangeLocks()
         self._changed = trio.Event()
         self._closed = False
         for i, leg in enumerate(self.legs):
             if self.table.states[i] is LegState.ERRED:
-                leg.reason = "dirty at start"
+                leg.reason = "dirty at start" if leg.bitmap.dirty_bytes else "unreachable at start"
                 log.warning(
                     "event=leg_erred leg=%s reason=%r dirty=%d",
                     leg.name,
@@ -207,14 +223,21 @@ class Mirror:
         errors = [e for i, e in sorted(results.items()) if e is not None]
         raise errors[-1] if errors else BlockError(errno.EIO, "no leg took the I/O")
 
+    def _missed(self, i: int, results: dict[int, BlockError | None]) -> bool:
+        """Leg ``i`` did not get the I/O and is not IN_SYNC: its bitmap must say so.  (The
+        last IN_SYNC leg failing is the user's error, not something another leg can fix.)"""
+        return self.table.states[i] is not LegState.IN_SYNC and (
+            i not in results or results[i] is not None
+        )
+
     async def _write(self, bio: Bio) -> None:
         results = await self._on_all(bio)
         marked: list[DirtyBitmap] = []
         for i, leg in enumerate(self.legs):
-            if results.get(i, BlockError(errno.ENODEV, "")) is not None:
+            if self._missed(i, results):
                 if leg.bitmap.mark(bio.offset, bio.length):
                     marked.append(leg.bitmap)
-            elif not bio.flags & BioFlags.FUA:
+            elif results.get(i, 0) is None and not bio.flags & BioFlags.FUA:
                 self._note_unflushed(leg, bio)
         for bitmap in marked:  # durable before the write is acknowledged
             await trio.to_thread.run_sync(bitmap.flush)
@@ -235,7 +258,7 @@ class Mirror:
             leg.unflushed, leg.unflushed_overflow = set(), False
         results = await self._on_all(bio)
         for i, leg in enumerate(self.legs):
-            if results.get(i, BlockError(errno.ENODEV, "")) is None:
+            if not self._missed(i, results):
                 continue
             extents, overflow = taken[i]
             if overflow:
@@ -296,7 +319,7 @@ class Mirror:
             interrupted = str(group.exceptions[0])
         if interrupted or not self.table.finish_resync(i):
             if self.table.states[i] is LegState.RESYNCING:
-                self.table.on_failfast_error(i)  # a copy failed on the source side: retry
+                self.table.on_error(i, True)  # a copy failed on the source side: retry later
             log.warning(
                 "event=leg_resync_interrupted leg=%s bytes=%d reason=%r",
                 leg.name,

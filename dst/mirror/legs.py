@@ -8,7 +8,7 @@ error"):
   from an IN_SYNC leg: gets every write, no reads, is never anybody's last good copy).
 - I/O to a leg carries FAILFAST whenever losing that leg would leave another IN_SYNC leg: a
   RESYNCING leg always, an IN_SYNC leg while it is not the only one.
-- A FAILFAST failure drops the leg at once (:meth:`LegTable.on_failfast_error` answers DROP) —
+- A FAILFAST failure drops the leg at once (:meth:`LegTable.on_error` answers DROP) —
   no second opinion, no held queues; a "spurious" error costs a resync, nothing more.
 - LAST_ERRED: when the failing leg is the only IN_SYNC one left, it is never dropped by
   failfast: the answer is RESUBMIT, and the I/O goes again without the flag, with the
@@ -50,16 +50,13 @@ class LegTable:
     _next_read: int = 0
 
     @classmethod
-    def start(cls, dirty: list[bool]) -> LegTable:
-        """At start, legs whose bitmap says they miss writes are ERRED (they come back through
-        a resync).  If every leg misses something — which the rules never produce, but files
-        can — the first is trusted as IN_SYNC rather than serving nothing."""
-        if not dirty:
-            raise ValueError("a mirror needs at least one leg")
-        states = [LegState.ERRED if d else LegState.IN_SYNC for d in dirty]
-        if LegState.IN_SYNC not in states:
-            states[0] = LegState.IN_SYNC
-        return cls(states)
+    def start(cls, usable: list[bool]) -> LegTable:
+        """At start, a leg is IN_SYNC if it is reachable and its bitmap is clean; every other
+        leg is ERRED and comes back through a resync.  With no usable leg the mirror cannot
+        serve (reading a leg that misses writes would return stale data): ValueError."""
+        if not any(usable):
+            raise ValueError("no leg is both reachable and in sync")
+        return cls([LegState.IN_SYNC if u else LegState.ERRED for u in usable])
 
     def in_sync(self) -> list[int]:
         return [i for i, s in enumerate(self.states) if s is LegState.IN_SYNC]
@@ -73,18 +70,17 @@ class LegTable:
             return len(self.in_sync()) > 1
         return True
 
-    def on_failfast_error(self, leg: int) -> Verdict:
-        """A FAILFAST request to ``leg`` failed."""
+    def on_error(self, leg: int, failfast: bool) -> Verdict:
+        """A request to ``leg`` failed; ``failfast``: it carried the flag."""
         state = self.states[leg]
         if state is LegState.ERRED:
             return Verdict.DROP  # dropped already by an earlier failure
         if state is LegState.RESYNCING or len(self.in_sync()) > 1:
+            # Trust the error: another leg holds the data (with or without the flag — a leg
+            # may have come back in sync while this request was out without it).
             self.states[leg] = LegState.ERRED
             return Verdict.DROP
-        return Verdict.RESUBMIT
-
-    def on_error(self, leg: int, failfast: bool) -> Verdict:
-        return self.on_failfast_error(leg) if failfast else Verdict.KEEP
+        return Verdict.RESUBMIT if failfast else Verdict.KEEP
 
     def read_leg(self) -> int:
         """The next IN_SYNC leg, round-robin (there is always one)."""

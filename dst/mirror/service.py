@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from dst.client import open_remote
+from dst.errors import ConfigError
 from dst.mirror.layer import DEFAULT_RESYNC_RATE, Leg, Mirror
 from dst.net.endpoints import Address
 from dst.replication.bitmap import DirtyBitmap
@@ -92,8 +93,10 @@ async def open_mirror(
     them, its legs' return and resync running in the background."""
     state_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
-        legs = []
+        remotes = []
         for server in servers:
+            # A leg whose server is down now starts ERRED and returns when it answers; the
+            # Mirror refuses to start only if no reachable leg is in sync.
             remote = await stack.enter_async_context(
                 open_remote(
                     server,
@@ -103,10 +106,17 @@ async def open_mirror(
                     node_id=node_id,
                     page_size=page_size,
                     failfast_timeout_s=failfast_timeout_s,
+                    must_connect=False,
                 )
             )
+            remotes.append((server, remote))
+        size = max(remote.size for _, remote in remotes)
+        if not size:
+            raise ConfigError(f"volume {volume!r}: no mirror leg is reachable")
+        legs = []
+        for server, remote in remotes:
             path = bitmap_path(state_dir, volume, server)
-            bitmap = await trio.to_thread.run_sync(DirtyBitmap.open, path, remote.size)
+            bitmap = await trio.to_thread.run_sync(DirtyBitmap.open, path, size)
             stack.callback(bitmap.close)
             legs.append(Leg(str(server), remote, bitmap))
         mirror = Mirror(legs, resync_rate=resync_rate)

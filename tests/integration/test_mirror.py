@@ -126,6 +126,38 @@ async def test_failfast_mirror_through_the_nbd_bridge(tmp_path: Path) -> None:
         b.stop()
 
 
+async def test_a_bridge_restart_remembers_what_a_dead_leg_missed(tmp_path: Path) -> None:
+    a, b = servers(tmp_path)
+    state_dir = tmp_path / "state"
+    status_file = state_dir / "vol0.mirror.json"
+    try:
+        a.start()
+        b.start()
+        extra = ("--server", str(b.address), "--mirror", "--state-dir", str(state_dir))
+        with bridge_process(tmp_path, a.address, "vol0", *extra) as bridge:
+            bridge.start()
+            uri = f"nbd://{bridge.address}/vol0"
+            await wait_state(status_file, 1, "in_sync")
+            fill = "for i in range(64): h.pwrite(bytes([i + 1]) * 65536, i * 1048576)\nh.flush()"
+            await run(["nbdsh", "-u", uri, "-c", fill], debian=True)
+            b.kill()  # leg B dies; the bridge drops it and writes go on to A alone
+            later = "for i in range(8): h.pwrite(b'\\xee' * 4096, i * 8 * 1048576 + 4096)"
+            await run(["nbdsh", "-u", uri, "-c", later + "\nh.flush()"], debian=True)
+            await wait_state(status_file, 1, "erred")
+            bridge.kill()  # and the bridge crashes
+            status_file.unlink()
+            bridge.start()  # B is still down: the bridge starts on A, B erred from its bitmap
+            restarted = await wait_state(status_file, 1, "erred")
+            assert restarted["dirty_bytes"] == 8 * 65536, restarted
+            b.start()
+            back = await wait_state(status_file, 1, "in_sync")
+            assert back["resynced_bytes"] == 8 * 65536, back
+        assert filecmp.cmp(a.data_dir / "vol0.img", b.data_dir / "vol0.img", shallow=False)
+    finally:
+        a.stop()
+        b.stop()
+
+
 async def test_one_expired_failfast_request_fails_all_pending_at_once(tmp_path: Path) -> None:
     (server,) = servers(tmp_path)[:1]
     server.start()

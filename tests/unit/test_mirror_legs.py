@@ -11,16 +11,17 @@ from dst.mirror.legs import LegState, LegTable, Verdict
 IN, ERR, RES = LegState.IN_SYNC, LegState.ERRED, LegState.RESYNCING
 
 
-def test_start_errs_dirty_legs_and_keeps_one_in_sync() -> None:
-    assert LegTable.start([False, True]).states == [IN, ERR]
-    assert LegTable.start([True, True, False]).states == [ERR, ERR, IN]
-    assert LegTable.start([True, True]).states == [IN, ERR]  # somebody must serve
+def test_start_errs_dirty_or_unreachable_legs_and_refuses_to_serve_stale_data() -> None:
+    assert LegTable.start([True, False]).states == [IN, ERR]
+    assert LegTable.start([False, False, True]).states == [ERR, ERR, IN]
+    with pytest.raises(ValueError, match="no leg is both reachable and in sync"):
+        LegTable.start([False, False])
     with pytest.raises(ValueError):
         LegTable.start([])
 
 
 def test_failfast_drops_a_leg_while_another_is_in_sync() -> None:
-    table = LegTable.start([False, False])
+    table = LegTable.start([True, True])
     assert table.use_failfast(0) and table.use_failfast(1)
     assert table.on_error(1, failfast=True) is Verdict.DROP
     assert table.states == [IN, ERR]
@@ -28,7 +29,7 @@ def test_failfast_drops_a_leg_while_another_is_in_sync() -> None:
 
 
 def test_last_good_leg_is_resubmitted_without_failfast_never_dropped() -> None:
-    table = LegTable.start([False, False])
+    table = LegTable.start([True, True])
     table.on_error(0, failfast=True)
     assert not table.use_failfast(1), "failfast is off for the last good leg"
     assert table.on_error(1, failfast=True) is Verdict.RESUBMIT  # raced: sent with the flag
@@ -37,7 +38,7 @@ def test_last_good_leg_is_resubmitted_without_failfast_never_dropped() -> None:
 
 
 def test_failfast_returns_when_a_leg_is_back_in_sync() -> None:
-    table = LegTable.start([False, False, False])
+    table = LegTable.start([True, True, True])
     table.on_error(2, failfast=True)
     table.on_error(1, failfast=True)
     assert not table.use_failfast(0)
@@ -49,8 +50,17 @@ def test_failfast_returns_when_a_leg_is_back_in_sync() -> None:
     assert table.use_failfast(0) and table.use_failfast(1)
 
 
+def test_a_plain_error_drops_a_leg_that_is_no_longer_the_only_good_one() -> None:
+    table = LegTable.start([True, False])
+    assert not table.use_failfast(0)  # a request goes out without the flag ...
+    table.start_resync(1)
+    assert table.finish_resync(1)  # ... the other leg is back in sync meanwhile ...
+    assert table.on_error(0, failfast=False) is Verdict.DROP  # ... so the failure drops it
+    assert table.states == [ERR, IN]
+
+
 def test_a_resyncing_leg_that_fails_is_erred_and_its_resync_does_not_finish() -> None:
-    table = LegTable.start([False, True])
+    table = LegTable.start([True, False])
     table.start_resync(1)
     assert table.on_error(1, failfast=True) is Verdict.DROP
     assert not table.finish_resync(1)
@@ -60,7 +70,7 @@ def test_a_resyncing_leg_that_fails_is_erred_and_its_resync_does_not_finish() ->
 
 
 def test_reads_rotate_over_in_sync_legs_only() -> None:
-    table = LegTable.start([False, True, False])
+    table = LegTable.start([True, False, True])
     picks = {table.read_leg() for _ in range(6)}
     assert picks == {0, 2}
 
@@ -73,7 +83,7 @@ EVENTS = st.lists(
 
 @given(EVENTS)
 def test_no_sequence_of_events_leaves_no_leg_in_sync(events: list[tuple[str, int]]) -> None:
-    table = LegTable.start([False, False, False])
+    table = LegTable.start([True, True, True])
     for event, leg in events:
         if event == "error":
             before = len(table.in_sync())
