@@ -25,7 +25,6 @@ from dst.wire import (
 )
 
 __all__ = [
-    "ORPHAN_SETTLE_S",
     "Command",
     "RemoteConfig",
     "RemoteStatistics",
@@ -59,11 +58,6 @@ class RemoteConfig:
     # The deadline of a FAILFAST bio (module docstring); None: no deadline, a FAILFAST bio then
     # fails only when the server answers an error or the link dies (keepalive, dead_after_s).
     failfast_timeout_s: float | None = 1.0
-
-
-#: After a link died with orphans on it, the server may still be finishing them (a write it
-#: had read before the link broke): wait this long before calling the volume settled.
-ORPHAN_SETTLE_S = 1.0
 
 
 @dataclass(eq=False, slots=True)

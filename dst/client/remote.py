@@ -18,10 +18,8 @@ attempts, pending and new I/O fails with EIO until a connection succeeds again.
 and never waits for a link; it has a deadline (``failfast_timeout_s``).  The first FAILFAST bio
 that fails or expires *trips* the volume: every FAILFAST bio pending on it fails back at once
 with the same error (not each after its own timeout), and new FAILFAST bios fail at once until
-the server answers something again.  Commands failed back while on the wire become *orphans*:
-they keep their in-flight slot until the server answers them (or the link dies), so the window
-stays honest and :meth:`RemoteVolume.wait_orphans_settled` can tell when no stale write of
-theirs can still land.  Bios without the flag behave exactly as before (full retries).
+the server answers something again.  Commands failed back while on the wire become orphans
+(:mod:`dst.client.failfast`).  Bios without the flag behave exactly as before (full retries).
 """
 
 from __future__ import annotations
@@ -39,13 +37,13 @@ import trio
 from dst.block import Bio, BioFlags, Limits, Op, split, validate_bio
 from dst.block.layer import closed_error
 from dst.client.commands import (
-    ORPHAN_SETTLE_S,
     Command,
     RemoteConfig,
     RemoteStatistics,
     Transaction,
     request_message,
 )
+from dst.client.failfast import Orphans, Tripwire
 from dst.client.link import Link, LinkBroken, open_link
 from dst.errors import BlockError, ConfigError, ProtocolError
 from dst.net.endpoints import Address
@@ -86,13 +84,11 @@ class RemoteVolume:
         self._giving_up = False
         self._slots: trio.Semaphore | None = None
         self._closed = False
-        # FAILFAST state (module docstring): the deadline scopes of FAILFAST bios in flight,
-        # the error that tripped the volume, and orphans (key -> link generation).
-        self._failfast_scopes: set[trio.CancelScope] = set()
-        self._failfast_error: BlockError | None = None
-        self._orphans: dict[tuple[int, int], int] = {}
-        self._orphans_dropped_at = -float("inf")
         self.stats = RemoteStatistics()
+        # FAILFAST (module docstring): the tripwire over the FAILFAST bios in flight, and the
+        # commands failed back while on the wire.
+        self._tripwire = Tripwire(f"volume={config.volume} server={config.address}", self.stats)
+        self._orphans = Orphans()
 
     # -- the block layer interface --------------------------------------------------------
 
@@ -144,49 +140,31 @@ class RemoteVolume:
 
     @property
     def failfast_tripped(self) -> bool:
-        return self._failfast_error is not None
+        return self._tripwire.error is not None
 
     async def _submit_failfast(self, bio: Bio) -> None:
-        if self._failfast_error is not None:
-            raise self._failfast_error
+        wire = self._tripwire
+        if wire.error is not None:
+            raise wire.error
         if self._link is None:
-            raise self._trip(BlockError(errno.ENOTCONN, f"{self.config.address} not connected"))
+            raise wire.trip(BlockError(errno.ENOTCONN, f"{self.config.address} not connected"))
         txn = Transaction(0)
         timeout = self.config.failfast_timeout_s
-        with trio.CancelScope(deadline=trio.current_time() + (timeout or float("inf"))) as scope:
-            self._failfast_scopes.add(scope)
+        scope = wire.arm(timeout)
+        with scope:
             try:
                 await self._submit(bio, txn)
                 return
             except BlockError as exc:
-                raise self._trip(exc) from None
+                raise wire.trip(exc) from None
             finally:
-                self._failfast_scopes.discard(scope)
+                wire.disarm(scope)
                 if not txn.done.is_set():
                     self._orphan(txn)
         # Cancelled: our own deadline, or another FAILFAST bio tripped the volume.
-        raise self._trip(
+        raise wire.trip(
             BlockError(errno.ETIMEDOUT, f"no answer from {self.config.address} within {timeout} s")
         )
-
-    def _trip(self, error: BlockError) -> BlockError:
-        """The first FAILFAST failure: fail every FAILFAST bio pending here at once."""
-        if self._failfast_error is not None:
-            return self._failfast_error
-        error = BlockError(error.errno, f"failfast: {error.args[0] if error.args else ''}")
-        self._failfast_error = error
-        self.stats.failfast_trips += 1
-        pending = len(self._failfast_scopes)
-        for scope in self._failfast_scopes:
-            scope.cancel()
-        log.warning(
-            "volume=%s server=%s event=failfast_tripped failed_back=%d reason=%r",
-            self.config.volume,
-            self.config.address,
-            pending,
-            str(error),
-        )
-        return error
 
     def _orphan(self, txn: Transaction) -> None:
         """Take an abandoned transaction's commands out of ``_pending``.  One already on the
@@ -194,31 +172,18 @@ class RemoteVolume:
         assert self._slots is not None
         link = self._link
         for cmd in txn.commands:
-            key = (cmd.tid, cmd.sub)
-            if self._pending.pop(key, None) is None:
+            if self._pending.pop((cmd.tid, cmd.sub), None) is None:
                 continue
             self.stats.failed += 1
             if link is not None and cmd.generation == link.generation:
-                self._orphans[key] = cmd.generation
+                self._orphans.add((cmd.tid, cmd.sub))
                 self.stats.orphans += 1
             else:
                 self._slots.release()
 
-    def _drop_orphans(self) -> None:
-        """The link died: its orphans will never be answered; give back their slots."""
-        if self._orphans:
-            assert self._slots is not None
-            for _ in range(len(self._orphans)):
-                self._slots.release()
-            self._orphans.clear()
-            self._orphans_dropped_at = trio.current_time()
-
     async def wait_orphans_settled(self) -> None:
-        """Wait until no failed-back command can still land on the server: every orphan
-        answered, and ORPHAN_SETTLE_S passed since a link died with orphans on it."""
-        while self._orphans:
-            await trio.sleep(0.05)
-        await trio.sleep_until(self._orphans_dropped_at + ORPHAN_SETTLE_S)
+        """Wait until no failed-back command can still land on the server."""
+        await self._orphans.wait_settled()
 
     async def aclose(self) -> None:
         self._closed = True
@@ -250,9 +215,9 @@ class RemoteVolume:
             except (LinkBroken, trio.BrokenResourceError, trio.ClosedResourceError):
                 link.broken("send failed")
             except trio.Cancelled:
-                # A FAILFAST deadline cut the send short: the frame may be half on the wire
-                # and the connection state counts it, so this link cannot be trusted again.
-                link.broken("send cancelled by a failfast deadline")
+                # A FAILFAST deadline (or the caller) cut the send short: the frame may be half
+                # on the wire and the connection state counts it; the link is not usable again.
+                link.broken("send cancelled")
                 raise
             return
 
@@ -279,7 +244,7 @@ class RemoteVolume:
         """Called by the link's reader for each reply; returns the command for a successful
         READ so the reader can receive its data into the command's buffers first."""
         key = (reply.tid, reply.sub)
-        if self._orphans.pop(key, None) is not None:
+        if self._orphans.answered(key):
             assert self._slots is not None
             self._slots.release()  # the server has finished it: the slot is free again
         return self._pending.get(key)
@@ -287,7 +252,7 @@ class RemoteVolume:
     def on_done(self, cmd: Command, reply: Reply) -> None:
         err = None if reply.errno == 0 else BlockError(reply.errno, reply.message)
         if err is None:
-            self._failfast_error = None  # the server answers again
+            self._tripwire.error = None  # the server answers again
         self._complete(cmd, err)
 
     # -- the connection supervisor ---------------------------------------------------------
@@ -391,7 +356,7 @@ class RemoteVolume:
                     link.run_keepalive, self.config.keepalive_s, self.config.dead_after_s
                 )
                 self._set_link(link)
-                self._failfast_error = None  # a new link: the server answers again
+                self._tripwire.error = None  # a new link: the server answers again
                 # Resend what the last link left unanswered, oldest first.
                 for key in sorted(self._pending):
                     cmd = self._pending[key]
@@ -403,7 +368,9 @@ class RemoteVolume:
                 nursery.cancel_scope.cancel()
         finally:
             self._set_link(None)
-            self._drop_orphans()
+            for _ in range(self._orphans.link_died()):  # never to be answered now
+                assert self._slots is not None
+                self._slots.release()
             lost = BlockError(errno.ENOTCONN, f"link lost: {link.reason}")
             if not self.config.resend:
                 self._fail_all(lost)
