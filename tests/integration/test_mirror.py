@@ -2,7 +2,8 @@
 NBD client (nbdsh): one leg frozen (SIGSTOP) under a write load is dropped and no write fails;
 then the last good leg frozen for seconds makes a write wait, and it succeeds; then the frozen
 leg resumes and gets back exactly its dirty extents, after which the legs' files are identical.
-Also RemoteVolume's FAILFAST against a frozen server: one expiry fails every pending request."""
+Also a leg behind a black-holed relay (the connection stays open, nothing gets through), and
+RemoteVolume's FAILFAST against a frozen server: one expiry fails every pending request."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import trio
 from dst.block import Bio, BioFlags, Op
 from dst.client import open_remote
 from dst.errors import BlockError
-from tests.integration.harness import ServerProcess, bridge_process, free_port
+from dst.mirror import LegState, open_mirror
+from dst.net.endpoints import Address
+from tests.integration.harness import ServerProcess, bridge_process, free_port, running_server
 from tests.integration.nbdtools import run
 
 MiB = 1 << 20
@@ -208,3 +211,88 @@ async def test_one_expired_failfast_request_fails_all_pending_at_once(tmp_path: 
             assert not vol.failfast_tripped
     finally:
         server.stop()
+
+
+class BlackHole:
+    """A TCP relay to ``target`` that can stop passing bytes while keeping both connections
+    open (a black-holed network), then pass what it held (hold-then-release)."""
+
+    def __init__(self, target: Address) -> None:
+        self.target = target
+        self.held = False
+        self._released = trio.Event()
+
+    def hold(self) -> None:
+        self.held, self._released = True, trio.Event()
+
+    def release(self) -> None:
+        self.held = False
+        self._released.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[Address]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        task_status.started(Address("127.0.0.1", port))
+        await trio.serve_listeners(self._relay, listeners)
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        async with client, await trio.open_tcp_stream(self.target.host, self.target.port) as up:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, up, nursery.cancel_scope)
+                nursery.start_soon(self._pump, up, client, nursery.cancel_scope)
+
+    async def _pump(
+        self, src: trio.SocketStream, dst: trio.SocketStream, scope: trio.CancelScope
+    ) -> None:
+        try:
+            while data := await src.receive_some(65536):
+                while self.held:
+                    await self._released.wait()
+                await dst.send_all(data)
+        except trio.BrokenResourceError:
+            pass
+        scope.cancel()
+
+
+async def test_a_black_holed_leg_is_dropped_and_resynced_after_its_held_writes(
+    tmp_path: Path,
+) -> None:
+    async with (
+        running_server(tmp_path / "a", node_id="a") as a,
+        running_server(tmp_path / "b", node_id="b") as b,
+        trio.open_nursery() as nursery,
+    ):
+        assert a.listen_address is not None and b.listen_address is not None
+        hole = BlackHole(b.listen_address)
+        relay = await nursery.start(hole.serve)
+        legs = (a.listen_address, relay)
+        async with open_mirror(legs, "vol0", state_dir=tmp_path / "state") as mirror:
+            for i in range(16):
+                data = bytes([i + 1]) * 65536
+                await mirror.submit(Bio.from_buffer(Op.WRITE, i * MiB, data))
+            hole.hold()
+
+            async def overwrite(i: int) -> None:
+                data = bytes([0x80 + i]) * 8192
+                await mirror.submit(Bio.from_buffer(Op.WRITE, i * MiB + 4096, data))
+
+            with trio.fail_after(GUARD_S):
+                async with trio.open_nursery() as writers:  # no write may fail
+                    for i in range(16):
+                        writers.start_soon(overwrite, i)
+            assert mirror.state(1) is LegState.ERRED and "failfast" in mirror.legs[1].reason
+            for i in range(16):  # newer data over what B still holds undelivered
+                data = bytes([0xC0 + i]) * 8192
+                await mirror.submit(Bio.from_buffer(Op.WRITE, i * MiB + 4096, data))
+            dirty = mirror.legs[1].bitmap.dirty_bytes
+            assert dirty == 16 * 64 * 1024
+            # The held (older) writes reach B now; B must be resynced only after they landed,
+            # or they would undo the copy of the newer data.
+            hole.release()
+            with trio.fail_after(GUARD_S):
+                while mirror.state(1) is not LegState.IN_SYNC:
+                    await mirror.wait_changed()
+            assert mirror.legs[1].resynced_bytes == dirty
+            await mirror.submit(Bio(Op.FLUSH, 0, 0))
+        nursery.cancel_scope.cancel()
+    assert filecmp.cmp(tmp_path / "a" / "vol0.img", tmp_path / "b" / "vol0.img", shallow=False)
