@@ -294,6 +294,18 @@ class Mirror:
             await leg.layer.submit(Bio.from_buffer(Op.READ, 0, probe))
         except BlockError:
             return False
+        if leg.layer.size != self._size:
+            # A leg that was down at start and turned out to be another size: never in sync.
+            if leg.reason != "size mismatch":
+                leg.reason = "size mismatch"
+                log.error(
+                    "event=leg_size_mismatch leg=%s size=%d mirror_size=%d",
+                    leg.name,
+                    leg.layer.size,
+                    self._size,
+                )
+                self._note_change()
+            return False
         if isinstance(leg.layer, RemoteVolume):
             await leg.layer.wait_orphans_settled()  # no stale write can land after a copy
         self.table.start_resync(i)

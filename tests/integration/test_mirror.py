@@ -12,6 +12,8 @@ import filecmp
 import json
 import re
 import signal
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -296,3 +298,17 @@ async def test_a_black_holed_leg_is_dropped_and_resynced_after_its_held_writes(
             await mirror.submit(Bio(Op.FLUSH, 0, 0))
         nursery.cancel_scope.cancel()
     assert filecmp.cmp(tmp_path / "a" / "vol0.img", tmp_path / "b" / "vol0.img", shallow=False)
+
+
+def test_bad_mirror_flags_and_no_reachable_leg_are_one_line_errors(tmp_path: Path) -> None:
+    dst = [sys.executable, "-m", "dst", "nbd", "--listen", f"127.0.0.1:{free_port()}"]
+    dst += ["--volume", "vol0", "--insecure", "--mirror", "--state-dir", str(tmp_path)]
+    dead = ["--server", f"127.0.0.1:{free_port()}", "--server", f"127.0.0.1:{free_port()}"]
+    for bad in ("-1", "soon", "inf"):
+        out = subprocess.run(
+            [*dst, *dead, "--failfast-timeout", bad], capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode == 2 and f"--failfast-timeout {bad!r}" in out.stderr, out.stderr
+    out = subprocess.run(dst + dead, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "no mirror leg is reachable" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
