@@ -17,6 +17,10 @@ flushed before the user hears of success; a bridge restart finds the bits and tr
 as ERRED until resynced.  Writes a leg completed since its last FLUSH are remembered (extents),
 and marked if its FLUSH fails: they may be in its volatile cache only.
 
+**Bridge crash.**  Every write's extents are active in the mirror's activity log before it is
+issued (:mod:`dst.replication.active`); after a crash, :meth:`Mirror.recover` marks them on
+every leg but one, which the others are then resynced from.
+
 **Ordering.**  Overlapping writes, and a resync copy and the writes to its extent, exclude each
 other by range (:class:`~dst.block.rangelock.RangeLocks`), so every leg sees them in one order.
 
@@ -38,11 +42,13 @@ from dataclasses import dataclass, field
 import trio
 
 from dst.block import Bio, BioFlags, BlockLayer, Limits, Op, validate_bio
-from dst.block.layer import closed_error
+from dst.block.layer import closed_error, submit_split
 from dst.block.rangelock import RangeLocks
 from dst.client.remote import RemoteVolume
 from dst.errors import BlockError, ConfigError
 from dst.mirror.legs import LegState, LegTable, Verdict
+from dst.replication.active import ActiveWrites
+from dst.replication.activity_log import ActivityLog
 from dst.replication.bitmap import DirtyBitmap
 from dst.replication.resync import ResyncProgress, copy_dirty_extents
 
@@ -57,6 +63,8 @@ RETRY_AFTER_S = 1.0
 #: Extents remembered per leg as "completed, not yet flushed" before a failed FLUSH of that leg
 #: marks the whole leg instead (65536 x 64 KiB = 4 GiB written without a FLUSH).
 UNFLUSHED_CAP = 65536
+#: The mirror's own request cap: a bio spans at most two activity-log extents.
+MIRROR_MAX_BYTES = 4 << 20
 
 
 @dataclass(eq=False, slots=True)
@@ -77,7 +85,13 @@ class Leg:
 class Mirror:
     """The mirror layer; run :meth:`run` in a nursery for the legs' return and resync."""
 
-    def __init__(self, legs: Sequence[Leg], *, resync_rate: int = DEFAULT_RESYNC_RATE) -> None:
+    def __init__(
+        self,
+        legs: Sequence[Leg],
+        *,
+        resync_rate: int = DEFAULT_RESYNC_RATE,
+        activity_log: ActivityLog | None = None,
+    ) -> None:
         if not legs:
             raise ConfigError("a mirror needs at least one leg")
         # A leg whose server was down at start has size 0 until it connects.
@@ -90,7 +104,8 @@ class Mirror:
         self.legs = list(legs)
         self.resync_rate = resync_rate
         self._size = sizes.pop()
-        limits = legs[0].layer.limits
+        # Own cap: a write's extents must fit the activity log's slots (4 MiB extents).
+        limits = Limits(max_bytes=MIRROR_MAX_BYTES).stack(legs[0].layer.limits)
         for leg in legs[1:]:
             limits = limits.stack(leg.layer.limits)
         self._limits: Limits = limits
@@ -109,6 +124,7 @@ class Mirror:
                 "bitmap of the leg you choose to trust"
             ) from None
         self._locks = RangeLocks()
+        self._active = ActiveWrites(activity_log)
         self._changed = trio.Event()
         self._closed = False
         for i, leg in enumerate(self.legs):
@@ -136,6 +152,32 @@ class Mirror:
         """Wait for the next change of any leg's state."""
         await self._changed.wait()
 
+    async def recover(self) -> None:
+        """After a crash of the bridge, before any write: the extents the activity log held
+        may differ between legs (a write reached some of them).  They are marked on every leg
+        but the first IN_SYNC one — the source the others are resynced from — and flushed."""
+        al = self._active.al
+        if al is None or al.was_clean:
+            return
+        source = self.table.in_sync()[0]
+        recovered = al.recovered_extents
+        for i, leg in enumerate(self.legs):
+            if i == source:
+                continue
+            for offset, length in recovered:
+                leg.bitmap.mark(offset, length)
+            await trio.to_thread.run_sync(leg.bitmap.flush)
+            if self.table.states[i] is LegState.IN_SYNC:
+                self.table.on_error(i, True)
+                leg.reason = "writes in flight when the bridge stopped"
+        log.warning(
+            "event=crash_recovery al_extents=%d bytes=%d source=%s",
+            len(recovered),
+            sum(length for _, length in recovered),
+            self.legs[source].name,
+        )
+        self._note_change()
+
     def _note_change(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
@@ -148,12 +190,17 @@ class Mirror:
         # Checked here although the edge did: a malformed request must fail on its own, never
         # look like a leg's failure and drop a good leg.
         validate_bio(bio, self._limits, self._size)
-        if bio.op is Op.READ:
+        if bio.op is not Op.FLUSH and bio.length > self._limits.max_bytes:
+            await submit_split(self, bio)  # pieces that fit come back here
+        elif bio.op is Op.READ:
             await self._read(bio)
         elif bio.op is Op.FLUSH:
             await self._flush(bio)
         else:
-            async with self._locks.locked(bio.offset, bio.offset + bio.length):
+            async with (
+                self._locks.locked(bio.offset, bio.offset + bio.length),
+                self._active.writing(bio.offset, bio.length),
+            ):
                 await self._write(bio)
 
     async def _leg_io(self, i: int, bio: Bio) -> BlockError | None:
@@ -370,3 +417,7 @@ class Mirror:
         self._closed = True
         for leg in self.legs:
             await leg.layer.aclose()
+        if self._active.al is not None:
+            # A clean stop: nothing in flight, the bitmaps hold what any leg lacks.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._active.al.clear)

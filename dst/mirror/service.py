@@ -4,6 +4,7 @@ status file an operator reads.
 State directory (``dst nbd --mirror --state-dir DIR``)::
 
     DIR/NAME.HOST_PORT.bitmap   one DirtyBitmap per leg: what that leg misses (persistent)
+    DIR/NAME.al                 the ActivityLog: extents with writes in flight (bridge crash)
     DIR/NAME.mirror.json        status: every leg's state, reason, dirty bytes, resync progress
 
 The status file is rewritten (atomically: temporary file, then rename) at every leg state
@@ -25,6 +26,7 @@ from dst.client import open_remote
 from dst.errors import ConfigError
 from dst.mirror.layer import DEFAULT_RESYNC_RATE, Leg, Mirror
 from dst.net.endpoints import Address
+from dst.replication.activity_log import ActivityLog
 from dst.replication.bitmap import DirtyBitmap
 from dst.security.tls import TlsConfig
 
@@ -119,13 +121,19 @@ async def open_mirror(
             bitmap = await trio.to_thread.run_sync(DirtyBitmap.open, path, size)
             stack.callback(bitmap.close)
             legs.append(Leg(str(server), remote, bitmap))
-        mirror = Mirror(legs, resync_rate=resync_rate)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(mirror.run)
-            if status_file:
-                nursery.start_soon(write_status_forever, mirror, status_path(state_dir, volume))
-            try:
-                yield mirror
-            finally:
-                nursery.cancel_scope.cancel()
-                await mirror.aclose()
+        al = await trio.to_thread.run_sync(ActivityLog.open, state_dir / f"{volume}.al", size)
+        stack.callback(al.close)
+        mirror = Mirror(legs, resync_rate=resync_rate, activity_log=al)
+        try:
+            await mirror.recover()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(mirror.run)
+                if status_file:
+                    path = status_path(state_dir, volume)
+                    nursery.start_soon(write_status_forever, mirror, path)
+                try:
+                    yield mirror
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            await mirror.aclose()

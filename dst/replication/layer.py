@@ -44,7 +44,8 @@ from dst.block.layer import BlockLayer
 from dst.block.rangelock import RangeLocks
 from dst.client.remote import RemoteVolume
 from dst.errors import BlockError
-from dst.replication.activity_log import ActivityLog, ActivityLogFullError
+from dst.replication.active import ActiveWrites
+from dst.replication.activity_log import ActivityLog
 from dst.replication.bitmap import DirtyBitmap
 from dst.replication.resync import ResyncProgress, copy_dirty_extents
 
@@ -85,7 +86,7 @@ class Replicated:
         self.peer = peer
         self.bitmap = bitmap
         self.al = activity_log
-        self._al_freed = trio.Event()
+        self._active = ActiveWrites(activity_log)
         # Extents the peer completed since its last successful FLUSH: in its page cache, not
         # yet known stable.  If the peer's FLUSH fails they are marked out of sync.
         self._unflushed: set[int] = set()
@@ -121,31 +122,13 @@ class Replicated:
                 nursery.start_soon(self._write, piece)
 
     async def _write(self, piece: Bio) -> None:
-        async with self._locks.locked(piece.offset, piece.offset + piece.length):
-            if self.al is None:
-                await self._both(piece)
-                return
-            await self._al_begin(piece.offset, piece.length)
-            try:
-                await self._both(piece)
-            finally:
-                # Safe now: on both sides, or marked and flushed in the bitmap.
-                self.al.end(piece.offset, piece.length)
-                self._al_freed.set()
-                self._al_freed = trio.Event()
-
-    async def _al_begin(self, offset: int, length: int) -> None:
-        """Make the write's extents active in the activity log — persisted before the write
-        is issued, so after a crash of this primary the extents that may differ are known."""
-        assert self.al is not None
-        while True:
-            try:
-                must_commit = self.al.begin(offset, length)
-                break
-            except ActivityLogFullError:
-                await self._al_freed.wait()  # every slot holds a write in flight
-        if must_commit:
-            await trio.to_thread.run_sync(self.al.commit)
+        async with (
+            self._locks.locked(piece.offset, piece.offset + piece.length),
+            # Active on disk before the write is issued; ended when it is on both sides, or
+            # marked and flushed in the bitmap.
+            self._active.writing(piece.offset, piece.length),
+        ):
+            await self._both(piece)
 
     async def _both(self, bio: Bio) -> BlockError | None:
         """Run a bio on both sides; a peer failure degrades (bitmap), a local one fails.

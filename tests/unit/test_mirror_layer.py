@@ -12,6 +12,7 @@ import trio
 from dst.block import Bio, BioFlags, MemoryStore, Op
 from dst.errors import BlockError
 from dst.mirror import Leg, LegState, Mirror
+from dst.replication.activity_log import ActivityLog
 from dst.replication.bitmap import DirtyBitmap
 
 SIZE = 8 << 20
@@ -130,3 +131,38 @@ async def test_a_returning_leg_gets_only_its_dirty_extents(tmp_path: Path) -> No
     store(b).seen_flags.clear()
     await write(mirror, 0, b"\x07" * 4096)
     assert store(b).seen_flags == [BioFlags.FAILFAST], "two good legs again: failfast is back"
+
+
+async def test_after_a_bridge_crash_the_active_extents_are_resynced(tmp_path: Path) -> None:
+    # A crashed run: a write's extent was active on disk, and it never ended.
+    al = ActivityLog.open(tmp_path / "vol0.al", SIZE)
+    al.begin(5 << 20, 4096)
+    al.commit()
+    al.close()
+    al = ActivityLog.open(tmp_path / "vol0.al", SIZE)
+    a, b = legs(tmp_path)
+    await store(a).submit(Bio.from_buffer(Op.WRITE, 5 << 20, b"\x09" * 4096))  # A got it, B not
+    mirror = Mirror([a, b], activity_log=al)
+    await mirror.recover()
+    assert mirror.state(0) is LegState.IN_SYNC and mirror.state(1) is LegState.ERRED
+    extent = 4 << 20  # the activity log's extent
+    assert list(b.bitmap.dirty_extents()) == [(extent, extent)] and not a.bitmap.dirty_bytes
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mirror.run)
+        while mirror.state(1) is not LegState.IN_SYNC:
+            await mirror.wait_changed()
+        nursery.cancel_scope.cancel()
+    assert bytes(store(a)._data) == bytes(store(b)._data)
+    await mirror.aclose()  # a clean stop empties the log
+    al.close()
+    assert ActivityLog.open(tmp_path / "vol0.al", SIZE).was_clean
+
+
+async def test_a_bio_over_the_mirror_cap_is_split_not_refused(tmp_path: Path) -> None:
+    a, b = legs(tmp_path)
+    mirror = Mirror([a, b], activity_log=ActivityLog.open(tmp_path / "vol0.al", SIZE))
+    await mirror.submit(Bio(Op.TRIM, 0, SIZE))
+    data = bytes(range(256)) * (6 << 12)
+    await write(mirror, 512, data)
+    assert await read(mirror, 512, len(data)) == data
+    assert mirror.limits.max_bytes < len(data)
