@@ -18,3 +18,4 @@ lint:
 bench: setup
 	python3 -m bench.remote
 	python3 -m bench.nbd_compare
+	python3 -m bench.failfast

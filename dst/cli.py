@@ -38,6 +38,16 @@ def _page_size(text: str) -> int:
     return size
 
 
+def _failfast_timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--failfast-timeout {text!r}: not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--failfast-timeout {text!r}: must be >= 0 seconds")
+    return value
+
+
 def _add_security(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tls", metavar="DIR", type=Path, help="node directory from `dst certs issue`")
@@ -147,6 +157,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
+    p.add_argument(
+        "--mirror",
+        action="store_true",
+        help="keep a copy on every --server (a failfast mirror) instead of following a primary",
+    )
+    p.add_argument(
+        "--failfast-timeout",
+        type=_failfast_timeout,
+        default=1.0,
+        metavar="SECONDS",
+        help="mirror: deadline of a leg's request before the leg is dropped "
+        "(default 1; 0: no deadline, a hung leg is dropped at keepalive death, ~10 s)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("dst-bridge"),
+        metavar="DIR",
+        help="mirror: the legs' dirty bitmaps and NAME.mirror.json status (default dst-bridge)",
     )
     _add_security(p)
 
@@ -318,6 +348,9 @@ def cmd_nbd(args: argparse.Namespace) -> int:
         claim="takeover" if args.takeover else "own",
         claim_wait_s=args.claim_wait,
         metrics=parse_address(args.metrics) if args.metrics else None,
+        mirror=args.mirror,
+        failfast_timeout_s=args.failfast_timeout or None,
+        state_dir=args.state_dir,
     )
 
     stop = trio.Event()

@@ -25,8 +25,8 @@ primary, secondary, standalone — or ``bridge``), ``node``, ``volume``, ``op``.
   server's ``stale_writes`` counter, which the Fence layer's refusals feed).
 - Bridges: ``dst_remote_connected``, ``dst_remote_reconnects_total``,
   ``dst_remote_resent_commands_total``, ``dst_remote_failed_transactions_total``, and
-  ``dst_mirror_failfast_events_total`` — read from a ``failfast_events`` field of the top
-  layer's ``statistics()`` when the failfast mirror provides one (absent until it is merged).
+  ``dst_mirror_failfast_events_total`` — the failfast trips of the mirror legs' links (each
+  drops a leg at once).
 """
 
 from __future__ import annotations
@@ -204,14 +204,6 @@ def _gauge(name: str, doc: str, node: str, value: float) -> Metric:
     return family
 
 
-def _field(obj: Any, name: str) -> int:
-    """``obj.statistics().name`` if the layer has that statistic, else 0 (a metric for a
-    feature not present in this build reads as zero)."""
-    statistics = getattr(obj, "statistics", None)
-    stats = statistics() if callable(statistics) else None
-    return int(getattr(stats, name, 0) or 0)
-
-
 class BridgeCollector(Collector):
     """A ``dst nbd`` bridge: its per-request IoStats and the client-side stack it serves."""
 
@@ -241,7 +233,9 @@ class BridgeCollector(Collector):
             labels=["node", "volume"],
         )
         for volume, top in sorted(self.layers().items()):
-            failfast.add_metric([self.node, volume], _field(top, "failfast_events"))
+            # A failfast trip is what drops a mirror leg: count them over the legs' links.
+            trips = sum(remote.stats.failfast_trips for remote in _remotes(top))
+            failfast.add_metric([self.node, volume], trips)
             for remote in _remotes(top):
                 values = [self.node, volume, str(remote.config.address)]
                 connected.add_metric(values, float(remote.connected))

@@ -1,13 +1,15 @@
 """The long-running services behind ``dst nbd`` and ``dst up``, as async functions.
 
-``run_bridge`` attaches a volume through the client-side stack (today one ``RemoteVolume``)
-and serves it as an NBD export.  ``run_up`` is the embedded default: a replicated pair and the
+``run_bridge`` attaches a volume through the client-side stack (one ``RemoteVolume``, or with
+``mirror`` a failfast :class:`~dst.mirror.Mirror` over one per server) and serves it as an NBD
+export.  ``run_up`` is the embedded default: a replicated pair and the
 bridge in one process on loopback, for a laptop, a demo or a test.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,10 +17,12 @@ from pathlib import Path
 import trio
 from prometheus_client import CollectorRegistry
 
+from dst.block import BlockLayer
 from dst.client import open_remote
 from dst.fence.handoff import Handoff
 from dst.iostats import IoStats
 from dst.metrics import BridgeCollector, ServerCollector, serve_metrics
+from dst.mirror import open_mirror
 from dst.nbd.bridge import NbdExport, serve_nbd
 from dst.net.endpoints import Address
 from dst.security.tls import TlsConfig
@@ -44,6 +48,10 @@ class BridgeConfig:
     claim_wait_s: float = 10.0
     #: Serve Prometheus metrics on this address (``--metrics``).
     metrics: Address | None = None
+    # A failfast mirror over every server (dst.mirror) instead of following a primary.
+    mirror: bool = False
+    failfast_timeout_s: float | None = 1.0  # None: no deadline (keepalive death only)
+    state_dir: Path = Path("dst-bridge")  # the mirror legs' bitmaps and status file
 
 
 async def run_bridge(
@@ -59,27 +67,41 @@ async def run_bridge(
     go to ``registry`` if given (the caller serves it), else to an endpoint of their own on
     ``config.metrics`` if set."""
     io = IoStats()
-    async with open_remote(
-        config.servers,
-        config.volume,
-        tls=config.tls,
-        role="bridge",
-        node_id=config.node_id,
-        page_size=config.page_size,
-        claim=config.claim,
-        claim_wait_s=config.claim_wait_s,
-    ) as volume:
+    stack: AbstractAsyncContextManager[BlockLayer]
+    if config.mirror:
+        stack = open_mirror(
+            config.servers,
+            config.volume,
+            state_dir=config.state_dir,
+            failfast_timeout_s=config.failfast_timeout_s,
+            tls=config.tls,
+            node_id=config.node_id,
+            page_size=config.page_size,
+            claim=config.claim,
+        )
+    else:
+        stack = open_remote(
+            config.servers,
+            config.volume,
+            tls=config.tls,
+            role="bridge",
+            node_id=config.node_id,
+            page_size=config.page_size,
+            claim=config.claim,
+            claim_wait_s=config.claim_wait_s,
+        )
+    async with stack as volume:
         # Every NBD connection shares this one stack, and a FLUSH reaches the server's
         # fdatasync, which covers every write any connection had acknowledged: so a flush on
         # one connection covers all of them, which is what CAN_MULTI_CONN promises.
         handoff = Handoff(volume, config.volume)
         export = NbdExport(config.volume, handoff, multi_conn=True)
         log.info(
-            "volume=%s size=%d epoch=%d claim=%s event=attached",
+            "volume=%s size=%d claim=%s mirror=%s event=attached",
             config.volume,
             volume.size,
-            volume.epoch,
             config.claim,
+            config.mirror,
         )
         node = config.node_id or "bridge"
         collector = BridgeCollector(io, node, lambda: {config.volume: export.layer})

@@ -13,6 +13,13 @@ fails its crc, keepalive silence), the supervisor reconnects with backoff, attac
 resends every command that has no reply yet — writes are idempotent, and none of them was
 acknowledged to the user, so resending is safe.  After ``max_retries`` consecutive failed
 attempts, pending and new I/O fails with EIO until a connection succeeds again.
+
+**FAILFAST** (seed 004, for mirror legs): a bio with ``BioFlags.FAILFAST`` is never resent
+and never waits for a link; it has a deadline (``failfast_timeout_s``).  The first FAILFAST bio
+that fails or expires *trips* the volume: every FAILFAST bio pending on it fails back at once
+with the same error (not each after its own timeout), and new FAILFAST bios fail at once until
+the server answers something again.  Commands failed back while on the wire become orphans
+(:mod:`dst.client.failfast`).  Bios without the flag behave exactly as before (full retries).
 """
 
 from __future__ import annotations
@@ -24,107 +31,35 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 import trio
 
-from dst.block import Bio, Limits, Op, split, validate_bio
+from dst.block import Bio, BioFlags, Limits, Op, split, validate_bio
 from dst.block.layer import closed_error
+from dst.client.commands import (
+    Command,
+    RemoteConfig,
+    RemoteStatistics,
+    Transaction,
+    request_message,
+)
+from dst.client.failfast import Orphans, Tripwire
 from dst.client.link import Link, LinkBroken, open_link
 from dst.errors import BlockError, ConfigError, FencedError, ProtocolError
-from dst.net.convert import page_runs
 from dst.net.endpoints import Address
 from dst.security.tls import TlsConfig
 from dst.wire import (
     MAX_PAGE_RUNS,
-    FlushRequest,
-    FrameFlags,
-    Message,
-    ReadRequest,
     Received,
     Reply,
-    TrimRequest,
-    WriteRequest,
-    WriteZeroesRequest,
 )
+
+__all__ = ["CONNECT_ERRORS", "RemoteConfig", "RemoteVolume", "open_remote"]
 
 log = logging.getLogger("dst.client")
 
 #: How a connection attempt fails: unreachable, refused, broken, or answered with an error.
 CONNECT_ERRORS = (OSError, trio.BrokenResourceError, ProtocolError, BlockError, trio.TooSlowError)
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteConfig:
-    address: Address
-    volume: str
-    tls: TlsConfig | None = None
-    role: str = "client"
-    node_id: str = ""
-    page_size: int = 4096
-    # Consecutive failed connection attempts before pending I/O fails with EIO (backoff grows
-    # from 50 ms to 1 s, so the default rides out a server restart of ~15 s).
-    max_retries: int = 20
-    keepalive_s: float = 2.0
-    # No frame at all for this long (pings included) and the connection is presumed dead.
-    dead_after_s: float = 10.0
-    # False for a replication peer: when the link breaks, pending commands fail at once with
-    # ENOTCONN (the replication layer records them in its dirty bitmap) instead of waiting
-    # for a reconnect; reconnecting goes on in the background.
-    resend: bool = True
-    # Other servers that hold the volume (a replicated pair): the client attaches wherever
-    # the volume is primary — a secondary refuses the attach with EROFS — and after a
-    # failover follows it to the other server.
-    alternates: tuple[Address, ...] = ()
-    #: How the first attach claims the volume (dst/fence/claims.py): "share", "own" (a
-    #: bridge) or "takeover".  Reconnects claim "own" at the epoch already held.
-    claim: str = "share"
-
-
-@dataclass(eq=False, slots=True)
-class Transaction:
-    remaining: int
-    done: trio.Event = field(default_factory=trio.Event)
-    error: BlockError | None = None
-    #: Replication protocols A and B: set once every command was sent (A) or received by
-    #: the server (B) — or completed, whichever comes first.
-    early: trio.Event | None = None
-    stage: str = ""
-    early_left: int = 0
-
-    def finish_one(self, error: BlockError | None) -> None:
-        if error is not None and self.error is None:
-            self.error = error
-        self.remaining -= 1
-        if self.remaining == 0:
-            self.done.set()
-
-    def reached(self, cmd: Command) -> None:
-        """``cmd`` reached the early stage (or completed)."""
-        if self.early is not None and not cmd.early_done:
-            cmd.early_done = True
-            self.early_left -= 1
-            if self.early_left == 0:
-                self.early.set()
-
-
-@dataclass(eq=False, slots=True)
-class Command:
-    tid: int
-    sub: int
-    piece: Bio
-    txn: Transaction
-    generation: int = -1  # the link it was last sent on
-    early_done: bool = False
-
-
-@dataclass(slots=True)
-class RemoteStatistics:
-    transactions: int = 0
-    commands: int = 0
-    resent: int = 0
-    reconnects: int = 0
-    failed: int = 0
 
 
 class RemoteVolume:
@@ -157,6 +92,10 @@ class RemoteVolume:
         #: Run on each new link before it carries a request (the replication handshake);
         #: raising BlockError refuses the link, which is retried like a failed connect.
         self.on_link: Callable[[Link], Awaitable[None]] | None = None
+        # FAILFAST (module docstring): the tripwire over the FAILFAST bios in flight, and the
+        # commands failed back while on the wire.
+        self._tripwire = Tripwire(f"volume={config.volume} server={config.address}", self.stats)
+        self._orphans = Orphans()
 
     # -- the block layer interface --------------------------------------------------------
 
@@ -195,13 +134,21 @@ class RemoteVolume:
         if self._slots is None or (self._link is None and not self.config.resend):
             raise BlockError(errno.ENOTCONN, f"not connected to {self.config.address}")
         validate_bio(bio, self._limits, self._size)
+        if bio.flags & BioFlags.FAILFAST:
+            await self._submit_failfast(bio)
+        else:
+            await self._submit(bio, Transaction(0, early=early, stage=stage))
+
+    async def _submit(self, bio: Bio, txn: Transaction) -> None:
+        assert self._slots is not None
         pieces = split(bio, self._limits)
-        txn = Transaction(len(pieces), early=early, stage=stage, early_left=len(pieces))
+        txn.remaining = txn.early_left = len(pieces)
         tid = next(self._ids)
         self.stats.transactions += 1
         for sub, piece in enumerate(pieces):
             await self._slots.acquire()
             cmd = Command(tid, sub, piece, txn)
+            txn.commands.append(cmd)
             self._pending[(tid, sub)] = cmd
             self.stats.commands += 1
             await self._send(cmd)
@@ -209,37 +156,60 @@ class RemoteVolume:
         if txn.error is not None:
             raise txn.error
 
+    # -- FAILFAST (module docstring) ----------------------------------------------------------
+
+    @property
+    def failfast_tripped(self) -> bool:
+        return self._tripwire.error is not None
+
+    async def _submit_failfast(self, bio: Bio) -> None:
+        wire = self._tripwire
+        if wire.error is not None:
+            raise wire.error
+        if self._link is None:
+            raise wire.trip(BlockError(errno.ENOTCONN, f"{self.config.address} not connected"))
+        txn = Transaction(0)
+        timeout = self.config.failfast_timeout_s
+        scope = wire.arm(timeout)
+        with scope:
+            try:
+                await self._submit(bio, txn)
+                return
+            except BlockError as exc:
+                raise wire.trip(exc) from None
+            finally:
+                wire.disarm(scope)
+                if not txn.done.is_set():
+                    self._orphan(txn)
+        # Cancelled: our own deadline, or another FAILFAST bio tripped the volume.
+        raise wire.trip(
+            BlockError(errno.ETIMEDOUT, f"no answer from {self.config.address} within {timeout} s")
+        )
+
+    def _orphan(self, txn: Transaction) -> None:
+        """Take an abandoned transaction's commands out of ``_pending``.  One already on the
+        wire keeps its slot until its answer (or its link's death) — the server counts it."""
+        assert self._slots is not None
+        link = self._link
+        for cmd in txn.commands:
+            if self._pending.pop((cmd.tid, cmd.sub), None) is None:
+                continue
+            self.stats.failed += 1
+            if link is not None and cmd.generation == link.generation:
+                self._orphans.add((cmd.tid, cmd.sub))
+                self.stats.orphans += 1
+            else:
+                self._slots.release()
+
+    async def wait_orphans_settled(self) -> None:
+        """Wait until no failed-back command can still land on the server."""
+        await self._orphans.wait_settled()
+
     async def aclose(self) -> None:
         self._closed = True
         self._fail_all(BlockError(errno.ESHUTDOWN, "volume closed while the request was pending"))
 
     # -- sending ---------------------------------------------------------------------------
-
-    def _request(self, cmd: Command, link: Link) -> Message:
-        piece = cmd.piece
-        common = {"tid": cmd.tid, "sub": cmd.sub, "handle": link.handle}
-        flags = int(piece.flags)
-        if piece.op is Op.READ:
-            pages = page_runs(piece, self.config.page_size)
-            return ReadRequest(offset=piece.offset, length=piece.length, pages=pages, **common)
-        if piece.op is Op.WRITE:
-            pages = page_runs(piece, self.config.page_size)
-            if cmd.txn.stage == "received":
-                flags |= FrameFlags.RECV_ACK
-            return WriteRequest(
-                offset=piece.offset,
-                length=piece.length,
-                epoch=link.epoch,
-                pages=pages,
-                flags=flags,
-                **common,
-            )
-        if piece.op is Op.FLUSH:
-            return FlushRequest(flags=flags, **common)
-        cls = TrimRequest if piece.op is Op.TRIM else WriteZeroesRequest
-        return cls(
-            offset=piece.offset, length=piece.length, epoch=link.epoch, flags=flags, **common
-        )
 
     async def _send(self, cmd: Command) -> None:
         """Send ``cmd`` on the current link, waiting for one if there is none.  A command
@@ -249,7 +219,7 @@ class RemoteVolume:
                 return  # answered, or failed while we waited (fenced, closed)
             link = self._link
             if link is None:
-                if not self.config.resend:
+                if not self.config.resend or cmd.piece.flags & BioFlags.FAILFAST:
                     self._complete(cmd, BlockError(errno.ENOTCONN, "peer link down"))
                     return
                 if self._giving_up:
@@ -262,10 +232,16 @@ class RemoteVolume:
             cmd.generation = link.generation
             data = cmd.piece.views() if cmd.piece.op is Op.WRITE else ()
             try:
-                await link.send(self._request(cmd, link), data)
+                msg = request_message(cmd, link.handle, link.epoch, self.config.page_size)
+                await link.send(msg, data)
             except (LinkBroken, trio.BrokenResourceError, trio.ClosedResourceError):
                 link.broken("send failed")
                 return
+            except trio.Cancelled:
+                # A FAILFAST deadline (or the caller) cut the send short: the frame may be half
+                # on the wire and the connection state counts it; the link is not usable again.
+                link.broken("send cancelled")
+                raise
             if cmd.txn.stage == "sent" or (cmd.txn.stage and cmd.piece.op is not Op.WRITE):
                 cmd.txn.reached(cmd)
             return
@@ -293,7 +269,11 @@ class RemoteVolume:
     def on_reply(self, reply: Reply) -> Command | None:
         """Called by the link's reader for each reply; returns the command for a successful
         READ so the reader can receive its data into the command's buffers first."""
-        return self._pending.get((reply.tid, reply.sub))
+        key = (reply.tid, reply.sub)
+        if self._orphans.answered(key):
+            assert self._slots is not None
+            self._slots.release()  # the server has finished it: the slot is free again
+        return self._pending.get(key)
 
     def on_received(self, msg: Received) -> None:
         """Protocol B: the server has a write's data (its Reply follows)."""
@@ -302,11 +282,14 @@ class RemoteVolume:
             cmd.txn.reached(cmd)
 
     def on_done(self, cmd: Command, reply: Reply) -> None:
+        err: BlockError | None = None
         if reply.errno == errno.ESTALE and cmd.piece.op is not Op.READ:
             self._fence(reply.message)
-            err: BlockError | None = FencedError(reply.message)
+            err = FencedError(reply.message)
+        elif reply.errno:
+            err = BlockError(reply.errno, reply.message)
         else:
-            err = None if reply.errno == 0 else BlockError(reply.errno, reply.message)
+            self._tripwire.error = None  # the server answers again
         self._complete(cmd, err)
 
     def _fence(self, why: str) -> None:
@@ -461,6 +444,7 @@ class RemoteVolume:
                         link.broken(f"refused: {refusal}")
                 if refusal is None:
                     self._set_link(link)
+                    self._tripwire.error = None  # a new link: the server answers again
                     # Resend what the last link left unanswered, oldest first.
                     for key in sorted(self._pending):
                         cmd = self._pending[key]
@@ -472,8 +456,16 @@ class RemoteVolume:
                 nursery.cancel_scope.cancel()
         finally:
             self._set_link(None)
+            for _ in range(self._orphans.link_died()):  # never to be answered now
+                assert self._slots is not None
+                self._slots.release()
+            lost = BlockError(errno.ENOTCONN, f"link lost: {link.reason}")
             if not self.config.resend:
-                self._fail_all(BlockError(errno.ENOTCONN, f"peer link lost: {link.reason}"))
+                self._fail_all(lost)
+            else:  # FAILFAST commands are never resent
+                for cmd in list(self._pending.values()):
+                    if cmd.piece.flags & BioFlags.FAILFAST:
+                        self._complete(cmd, lost)
             await trio.aclose_forcefully(link.framed.stream)
         if refusal is None:
             log.warning(
@@ -498,6 +490,8 @@ async def open_remote(
     max_retries: int = 20,
     keepalive_s: float = 2.0,
     dead_after_s: float = 10.0,
+    failfast_timeout_s: float | None = 1.0,
+    must_connect: bool = True,
     claim: str = "share",
     claim_wait_s: float = 0.0,
 ) -> AsyncIterator[RemoteVolume]:
@@ -506,8 +500,9 @@ async def open_remote(
     ``address`` may list several servers (a replicated pair): the volume is attached where it
     is primary.  ``claim`` is how the attach claims the volume (dst/fence/claims.py); an
     ``own`` claim refused because another node holds the volume is retried for up to
-    ``claim_wait_s`` seconds.  The first connection must otherwise succeed (so size and limits
-    are known); later outages are ridden out as the module docstring describes.
+    ``claim_wait_s`` seconds.  The first connection must succeed (so size and limits are
+    known) unless ``must_connect`` is False; later outages are ridden out as the module
+    docstring describes.
     """
     from dst.net.endpoints import parse_address
 
@@ -528,21 +523,22 @@ async def open_remote(
         keepalive_s,
         dead_after_s,
         alternates=tuple(servers[1:]),
+        failfast_timeout_s=failfast_timeout_s,
         claim=claim,
     )
     remote = RemoteVolume(config)
-    deadline = trio.current_time() + claim_wait_s
-    while True:
-        try:
-            first = await remote._connect()
-            break
-        except BlockError as exc:
-            # Another owner holds the volume: wait (a bit) for it to let go.
-            if exc.errno != errno.EBUSY or trio.current_time() >= deadline:
-                raise
-            log.info("volume=%s event=claim_waiting reason=%r", volume, str(exc))
-            await trio.sleep(0.2)
-    remote._adopt(first)
+    first: Link | None = None
+    try:
+        first = await _first_link(remote, claim_wait_s)
+        remote._adopt(first)
+    except CONNECT_ERRORS as exc:
+        if must_connect:
+            raise
+        # A mirror leg that is down at start: the supervisor keeps trying; until it connects,
+        # ``size`` is 0 and submits fail with ENOTCONN.
+        log.warning(
+            "volume=%s server=%s event=connect_failed reason=%r", volume, servers[0], str(exc)
+        )
     async with trio.open_nursery() as nursery:
         await nursery.start(remote.run, first)
         try:
@@ -550,3 +546,17 @@ async def open_remote(
         finally:
             await remote.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def _first_link(remote: RemoteVolume, claim_wait_s: float) -> Link:
+    """The first connection; an ``own`` claim refused because another node holds the volume
+    (EBUSY) is retried until ``claim_wait_s`` has passed — the holder may be letting go."""
+    deadline = trio.current_time() + claim_wait_s
+    while True:
+        try:
+            return await remote._connect()
+        except BlockError as exc:
+            if exc.errno != errno.EBUSY or trio.current_time() >= deadline:
+                raise
+            log.info("volume=%s event=claim_waiting reason=%r", remote.config.volume, str(exc))
+            await trio.sleep(0.2)

@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -45,10 +44,13 @@ import trio
 
 from dst.block import Bio, BioFlags, Limits, Op, split
 from dst.block.layer import BlockLayer
+from dst.block.rangelock import RangeLocks
 from dst.client.link import Link, LinkBroken
 from dst.client.remote import RemoteVolume
 from dst.errors import BlockError, ConfigError
-from dst.replication.activity_log import ActivityLog, ActivityLogFullError
+from dst.replication.active import ActiveWrites
+from dst.replication.activity_log import ActivityLog
+from dst.replication.resync import ResyncProgress, copy_dirty_extents
 from dst.replication.sync import ReplicaState, connect_handshake
 from dst.wire import SyncRequest
 
@@ -65,10 +67,6 @@ DEFAULT_RESYNC_RATE = 64 << 20
 #: Extents tracked as "completed by the peer, not yet flushed" before tracking gives up and a
 #: failed peer FLUSH marks the whole volume (65536 x 64 KiB = 4 GiB written without a FLUSH).
 UNFLUSHED_CAP = 65536
-#: Extent copies in flight during a resync.
-RESYNC_PARALLEL = 8
-#: Flush cleared bits to disk after this many resynced bytes (a lost clear costs a re-copy).
-RESYNC_FLUSH_EVERY = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,17 +102,15 @@ class Replicated:
         # Every new link is handshaken (generation ids, sync.py) before it takes a write.
         peer.on_link = self._handshake
         self.al = activity_log
-        self._al_freed = trio.Event()
+        self._active = ActiveWrites(activity_log)
         # Extents the peer completed since its last successful FLUSH: in its page cache, not
         # yet known stable.  If the peer's FLUSH fails they are marked out of sync.
         self._unflushed: set[int] = set()
         self._unflushed_overflow = False
         self.resync_rate = resync_rate
         self._limits = Limits(boundary=REPLICATION_BOUNDARY).stack(local.limits)
-        self._writes: list[tuple[int, int, trio.Event]] = []
-        self._resync_total = 0
-        self._resync_done = 0
-        self._resync_rate = 0.0
+        self._locks = RangeLocks()
+        self._progress = ResyncProgress()
         self._resynced = 0
         self._degraded_writes = 0
         self._degraded_bytes = 0
@@ -144,22 +140,6 @@ class Replicated:
         async with trio.open_nursery() as nursery:
             for piece in pieces:
                 nursery.start_soon(self._write, piece)
-
-    @asynccontextmanager
-    async def _locked(self, start: int, end: int) -> AsyncIterator[None]:
-        """Hold [start, end) against every overlapping write or resync copy."""
-        while True:
-            busy = next((ev for s, e, ev in self._writes if s < end and start < e), None)
-            if busy is None:
-                break
-            await busy.wait()
-        entry = (start, end, trio.Event())
-        self._writes.append(entry)
-        try:
-            yield
-        finally:
-            self._writes.remove(entry)
-            entry[2].set()
 
     async def _write(self, piece: Bio) -> None:
         if piece.flags & BioFlags.PREFLUSH:
@@ -205,31 +185,13 @@ class Replicated:
             await done.wait()
 
     async def _write_through(self, piece: Bio, ready: trio.Event | None = None) -> None:
-        async with self._locked(piece.offset, piece.offset + piece.length):
-            if self.al is None:
-                await self._both(piece, ready)
-                return
-            await self._al_begin(piece.offset, piece.length)
-            try:
-                await self._both(piece, ready)
-            finally:
-                # Safe now: on both sides, or marked and flushed in the bitmap.
-                self.al.end(piece.offset, piece.length)
-                self._al_freed.set()
-                self._al_freed = trio.Event()
-
-    async def _al_begin(self, offset: int, length: int) -> None:
-        """Make the write's extents active in the activity log — persisted before the write
-        is issued, so after a crash of this primary the extents that may differ are known."""
-        assert self.al is not None
-        while True:
-            try:
-                must_commit = self.al.begin(offset, length)
-                break
-            except ActivityLogFullError:
-                await self._al_freed.wait()  # every slot holds a write in flight
-        if must_commit:
-            await trio.to_thread.run_sync(self.al.commit)
+        async with (
+            self._locks.locked(piece.offset, piece.offset + piece.length),
+            # Active on disk before the write is issued; ended when it is on both sides, or
+            # marked and flushed in the bitmap.
+            self._active.writing(piece.offset, piece.length),
+        ):
+            await self._both(piece, ready)
 
     async def _both(self, bio: Bio, ready: trio.Event | None = None) -> BlockError | None:
         """Run a bio on both sides; a peer failure degrades (bitmap), a local one fails.
@@ -248,7 +210,9 @@ class Replicated:
             nonlocal peer_error
             try:
                 stage = "sent" if self.protocol == "A" else "received"
-                await self.peer.submit(bio, early=peer_early, stage=stage)
+                # A client's FAILFAST is about its own link; the replica link keeps its own
+                # rules (no resend, degrade on failure), not a client's deadline.
+                await self.peer.submit(_without_failfast(bio), early=peer_early, stage=stage)
             except BlockError as exc:
                 peer_error = exc
                 if ready is not None:  # degrade (bitmap, generation) before the ack
@@ -403,56 +367,25 @@ class Replicated:
         log.info("event=in_sync generations=%s", self.state.generations.to_json()["current"])
 
     async def _resync_pass(self) -> None:
-        self._resync_total = self.bitmap.dirty_bytes
-        self._resync_done = 0
         started = trio.current_time()
-        step = self.bitmap.extent_size
-        extents = iter(
-            [
-                pos
-                for offset, length in list(self.bitmap.dirty_extents())
-                for pos in range(offset, min(offset + length, self.size), step)
-            ]
-        )
-        since_flush = 0
-        log.info("event=resync_started out_of_sync=%d", self._resync_total)
-
-        async def worker() -> None:
-            # Several copies in flight: one at a time leaves the link idle between them.
-            nonlocal since_flush
-            buf = memoryview(bytearray(step))
-            for pos in extents:
-                n = min(step, self.size - pos)
-                await self._copy(pos, buf[:n])
-                self._resync_done += n
-                self._resynced += n
-                since_flush += n
-                elapsed = trio.current_time() - started
-                self._resync_rate = self._resync_done / elapsed if elapsed else 0.0
-                ahead = self._resync_done / self.resync_rate - elapsed  # token bucket
-                if ahead > 0:
-                    await trio.sleep(ahead)
-                if since_flush >= RESYNC_FLUSH_EVERY:
-                    since_flush = 0
-                    await trio.to_thread.run_sync(self.bitmap.flush)
-
+        log.info("event=resync_started out_of_sync=%d", self.bitmap.dirty_bytes)
         interrupted = ""
         try:
-            async with trio.open_nursery() as nursery:
-                for _ in range(RESYNC_PARALLEL):
-                    nursery.start_soon(worker)
+            await copy_dirty_extents(
+                self.bitmap, self.size, self._copy, rate=self.resync_rate, progress=self._progress
+            )
             await self.peer.submit(Bio(Op.FLUSH, 0, 0))
             await trio.to_thread.run_sync(self.bitmap.flush)
         except* BlockError as group:
             interrupted = str(group.exceptions[0])
         if interrupted:
             log.warning(
-                "event=resync_interrupted done=%d reason=%r", self._resync_done, interrupted
+                "event=resync_interrupted done=%d reason=%r", self._progress.done_bytes, interrupted
             )
             return
         log.info(
             "event=resync_finished bytes=%d seconds=%.2f",
-            self._resync_done,
+            self._progress.done_bytes,
             trio.current_time() - started,
         )
 
@@ -460,19 +393,20 @@ class Replicated:
         """Copy one extent local → peer and clear its bit, all under the extent's lock: a
         write racing the copy lands on both sides after it, and a write that degrades marks
         the extent after the clear, never before it."""
-        async with self._locked(offset, offset + len(view)):
+        async with self._locks.locked(offset, offset + len(view)):
             await self.local.submit(Bio.from_buffer(Op.READ, offset, view))
             for piece in split(Bio.from_buffer(Op.WRITE, offset, view), self._limits):
                 await self.peer.submit(piece)
             self.bitmap.clear(offset, len(view))
+            self._resynced += len(view)
 
     def statistics(self) -> ReplicationStatistics:
         return ReplicationStatistics(
             peer_connected=self.peer.connected,
             out_of_sync_bytes=self.bitmap.dirty_bytes,
-            resync_total_bytes=self._resync_total,
-            resync_done_bytes=self._resync_done,
-            resync_rate_bytes_s=self._resync_rate,
+            resync_total_bytes=self._progress.total_bytes,
+            resync_done_bytes=self._progress.done_bytes,
+            resync_rate_bytes_s=self._progress.rate_bytes_s,
             resynced_bytes=self._resynced,
             degraded_writes=self._degraded_writes,
             degraded_bytes=self._degraded_bytes,
@@ -483,3 +417,9 @@ class Replicated:
             # A clean stop: no write is in flight, the bitmap holds what the peer lacks.
             await trio.to_thread.run_sync(self.al.clear)
         await self.local.aclose()
+
+
+def _without_failfast(bio: Bio) -> Bio:
+    if not bio.flags & BioFlags.FAILFAST:
+        return bio
+    return replace(bio, flags=bio.flags & ~BioFlags.FAILFAST)

@@ -1,0 +1,107 @@
+"""FAILFAST bookkeeping of a RemoteVolume: the tripwire, and orphans.
+
+:class:`Tripwire` holds the cancel scope (deadline) of every FAILFAST bio in flight.  The first
+FAILFAST failure *trips* it: every armed scope is cancelled at once, so all FAILFAST bios
+pending on the volume fail back together with the first one's error, and :attr:`error` stays
+set — new FAILFAST bios fail at once — until the volume hears from its server again.
+
+When a FAILFAST bio expires or its volume trips (:mod:`dst.client.remote`), the caller hears
+of the failure at once, but the commands already sent are still the server's: it may yet run
+them — a frozen server that resumes runs every write in its socket buffer.  Such commands are
+*orphans*.  They keep their in-flight slot until the server answers them, so the client never
+has more than ``max_inflight`` requests outstanding on the wire; their answers are discarded.
+
+A mirror must not copy an extent to a leg while a stale write of an orphan could still land
+on it after the copy (the copy would be silently undone).  :meth:`Orphans.wait_settled` says
+when that cannot happen: every orphan answered — the server replies after it ran a request —
+and, if a link died with orphans on it (their fate unknowable), ORPHAN_SETTLE_S more.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from dst.client.commands import RemoteStatistics
+from dst.errors import BlockError
+
+__all__ = ["ORPHAN_SETTLE_S", "Orphans", "Tripwire"]
+
+log = logging.getLogger("dst.client")
+
+#: After a link died with orphans on it, the server may still be finishing them (a write it
+#: had read before the link broke): wait this long before calling the volume settled.
+ORPHAN_SETTLE_S = 1.0
+
+
+class Orphans:
+    """The (tid, sub) keys of the orphans on the current link."""
+
+    def __init__(self) -> None:
+        self._keys: set[tuple[int, int]] = set()
+        self._died_at = -float("inf")
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, key: tuple[int, int]) -> None:
+        self._keys.add(key)
+
+    def answered(self, key: tuple[int, int]) -> bool:
+        """A reply arrived for ``key``; True if it was an orphan's (its slot is free now)."""
+        if key in self._keys:
+            self._keys.discard(key)
+            return True
+        return False
+
+    def link_died(self) -> int:
+        """The link died: forget its orphans; returns how many slots to give back."""
+        count = len(self._keys)
+        if count:
+            self._keys.clear()
+            self._died_at = trio.current_time()
+        return count
+
+    async def wait_settled(self) -> None:
+        while self._keys:
+            await trio.sleep(0.05)
+        await trio.sleep_until(self._died_at + ORPHAN_SETTLE_S)
+
+
+class Tripwire:
+    """The deadline scopes of the FAILFAST bios in flight on one volume; see the docstring."""
+
+    def __init__(self, where: str, stats: RemoteStatistics) -> None:
+        self.where = where  # "volume=... server=..." for the log line
+        self.stats = stats
+        self.error: BlockError | None = None
+        self._scopes: set[trio.CancelScope] = set()
+
+    def arm(self, timeout_s: float | None) -> trio.CancelScope:
+        """A scope with the bio's deadline (none if ``timeout_s`` is None), cancelled by a
+        trip; the caller enters it and disarms it when the bio is over."""
+        deadline = trio.current_time() + timeout_s if timeout_s else float("inf")
+        scope = trio.CancelScope(deadline=deadline)
+        self._scopes.add(scope)
+        return scope
+
+    def disarm(self, scope: trio.CancelScope) -> None:
+        self._scopes.discard(scope)
+
+    def trip(self, error: BlockError) -> BlockError:
+        """The first FAILFAST failure: fail every armed bio at once.  Returns the error every
+        one of them (and every later FAILFAST bio, until reset) fails with."""
+        if self.error is not None:
+            return self.error
+        self.error = BlockError(error.errno, f"failfast: {error.args[0] if error.args else ''}")
+        self.stats.failfast_trips += 1
+        for scope in self._scopes:
+            scope.cancel()
+        log.warning(
+            "%s event=failfast_tripped failed_back=%d reason=%r",
+            self.where,
+            len(self._scopes),
+            str(self.error),
+        )
+        return self.error

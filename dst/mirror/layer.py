@@ -1,0 +1,423 @@
+"""Mirror: a client-side block layer that keeps a copy of the volume on every leg (seed 004).
+
+```
+ NBD bridge → Mirror ─┬─ leg 0: RemoteVolume(server A)     each leg with its own
+                      ├─ leg 1: RemoteVolume(server B)     persistent DirtyBitmap
+                      └─ leg 2: ...
+```
+
+Writes (and TRIM, WRITE_ZEROES, FLUSH) go to every leg that is not ERRED; reads go round-robin
+to IN_SYNC legs.  The leg rules — FAILFAST, drop at the first failure, LAST_ERRED — are in
+:mod:`dst.mirror.legs`; the transport side of FAILFAST (deadline, failing every pending
+request of a leg at once, no resend) is :class:`~dst.client.remote.RemoteVolume`'s.
+
+**What a leg misses is on disk before the write is acknowledged.**  A write that did not
+complete on a leg (ERRED, or failed just now) is marked in that leg's bitmap and the bitmap is
+flushed before the user hears of success; a bridge restart finds the bits and treats the leg
+as ERRED until resynced.  Writes a leg completed since its last FLUSH are remembered (extents),
+and marked if its FLUSH fails: they may be in its volatile cache only.
+
+**Bridge crash.**  Every write's extents are active in the mirror's activity log before it is
+issued (:mod:`dst.replication.active`); after a crash, :meth:`Mirror.recover` marks them on
+every leg but one, which the others are then resynced from.
+
+**Ordering.**  Overlapping writes, and a resync copy and the writes to its extent, exclude each
+other by range (:class:`~dst.block.rangelock.RangeLocks`), so every leg sees them in one order.
+
+**Return.**  A watcher per leg waits, for an ERRED leg, until a probe without FAILFAST is
+answered (the leg answers again — however long that takes), then until every request failed
+back from it has been answered or can no longer land (``wait_orphans_settled``), then resyncs
+only the dirty extents (:func:`~dst.replication.resync.copy_dirty_extents`) from IN_SYNC legs,
+and makes the leg IN_SYNC.  A leg that fails during its resync is simply ERRED again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from dst.block import Bio, BioFlags, BlockLayer, Limits, Op, validate_bio
+from dst.block.layer import closed_error, submit_split
+from dst.block.rangelock import RangeLocks
+from dst.client.remote import RemoteVolume
+from dst.errors import BlockError, ConfigError
+from dst.mirror.legs import LegState, LegTable, Verdict
+from dst.replication.active import ActiveWrites
+from dst.replication.activity_log import ActivityLog
+from dst.replication.bitmap import DirtyBitmap
+from dst.replication.resync import ResyncProgress, copy_dirty_extents
+
+__all__ = ["DEFAULT_RESYNC_RATE", "Leg", "Mirror"]
+
+log = logging.getLogger("dst.mirror")
+
+#: Resync rate cap, bytes/s (as replication's): most of the link stays with the workload.
+DEFAULT_RESYNC_RATE = 64 << 20
+#: After a failed probe or an interrupted resync, wait this long before trying again.
+RETRY_AFTER_S = 1.0
+#: Extents remembered per leg as "completed, not yet flushed" before a failed FLUSH of that leg
+#: marks the whole leg instead (65536 x 64 KiB = 4 GiB written without a FLUSH).
+UNFLUSHED_CAP = 65536
+#: The mirror's own request cap: a bio spans at most two activity-log extents.
+MIRROR_MAX_BYTES = 4 << 20
+
+
+@dataclass(eq=False, slots=True)
+class Leg:
+    """One copy of the volume: a block layer (usually a RemoteVolume) and its bitmap."""
+
+    name: str
+    layer: BlockLayer
+    bitmap: DirtyBitmap
+    reason: str = ""
+    progress: ResyncProgress = field(default_factory=ResyncProgress)
+    resynced_bytes: int = 0
+    errors: int = 0
+    unflushed: set[int] = field(default_factory=set)
+    unflushed_overflow: bool = False
+
+
+class Mirror:
+    """The mirror layer; run :meth:`run` in a nursery for the legs' return and resync."""
+
+    def __init__(
+        self,
+        legs: Sequence[Leg],
+        *,
+        resync_rate: int = DEFAULT_RESYNC_RATE,
+        activity_log: ActivityLog | None = None,
+    ) -> None:
+        if not legs:
+            raise ConfigError("a mirror needs at least one leg")
+        # A leg whose server was down at start has size 0 until it connects.
+        sizes = {leg.layer.size for leg in legs if leg.layer.size}
+        if len(sizes) > 1:
+            named = ", ".join(f"{leg.name}={leg.layer.size}" for leg in legs)
+            raise ConfigError(f"mirror legs differ in size: {named}")
+        if not sizes:
+            raise ConfigError("no mirror leg is reachable")
+        self.legs = list(legs)
+        self.resync_rate = resync_rate
+        self._size = sizes.pop()
+        # Own cap: a write's extents must fit the activity log's slots (4 MiB extents).
+        limits = Limits(max_bytes=MIRROR_MAX_BYTES).stack(legs[0].layer.limits)
+        for leg in legs[1:]:
+            limits = limits.stack(leg.layer.limits)
+        self._limits: Limits = limits
+        usable = [leg.layer.size > 0 and not leg.bitmap.dirty_bytes for leg in legs]
+        try:
+            self.table = LegTable.start(usable)
+        except ValueError:
+            states = ", ".join(
+                f"{leg.name} {'dirty' if leg.bitmap.dirty_bytes else 'clean'}"
+                f"{'' if leg.layer.size else ' unreachable'}"
+                for leg in legs
+            )
+            raise ConfigError(
+                f"no mirror leg is both reachable and in sync ({states}): serving a leg that "
+                "misses writes would return stale data; start its server, or delete the "
+                "bitmap of the leg you choose to trust"
+            ) from None
+        self._locks = RangeLocks()
+        self._active = ActiveWrites(activity_log)
+        self._changed = trio.Event()
+        self._closed = False
+        for i, leg in enumerate(self.legs):
+            if self.table.states[i] is LegState.ERRED:
+                leg.reason = "dirty at start" if leg.bitmap.dirty_bytes else "unreachable at start"
+                log.warning(
+                    "event=leg_erred leg=%s reason=%r dirty=%d",
+                    leg.name,
+                    leg.reason,
+                    leg.bitmap.dirty_bytes,
+                )
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def state(self, leg: int) -> LegState:
+        return self.table.states[leg]
+
+    async def wait_changed(self) -> None:
+        """Wait for the next change of any leg's state."""
+        await self._changed.wait()
+
+    async def recover(self) -> None:
+        """After a crash of the bridge, before any write: the extents the activity log held
+        may differ between legs (a write reached some of them).  They are marked on every leg
+        but the first IN_SYNC one — the source the others are resynced from — and flushed."""
+        al = self._active.al
+        if al is None or al.was_clean:
+            return
+        source = self.table.in_sync()[0]
+        recovered = al.recovered_extents
+        for i, leg in enumerate(self.legs):
+            if i == source:
+                continue
+            for offset, length in recovered:
+                leg.bitmap.mark(offset, length)
+            await trio.to_thread.run_sync(leg.bitmap.flush)
+            if self.table.states[i] is LegState.IN_SYNC:
+                self.table.on_error(i, True)
+                leg.reason = "writes in flight when the bridge stopped"
+        log.warning(
+            "event=crash_recovery al_extents=%d bytes=%d source=%s",
+            len(recovered),
+            sum(length for _, length in recovered),
+            self.legs[source].name,
+        )
+        self._note_change()
+
+    def _note_change(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- I/O -----------------------------------------------------------------------------
+
+    async def submit(self, bio: Bio) -> None:
+        if self._closed:
+            raise closed_error("mirror")
+        # Checked here although the edge did: a malformed request must fail on its own, never
+        # look like a leg's failure and drop a good leg.
+        validate_bio(bio, self._limits, self._size)
+        if bio.op is not Op.FLUSH and bio.length > self._limits.max_bytes:
+            await submit_split(self, bio)  # pieces that fit come back here
+        elif bio.op is Op.READ:
+            await self._read(bio)
+        elif bio.op is Op.FLUSH:
+            await self._flush(bio)
+        else:
+            async with (
+                self._locks.locked(bio.offset, bio.offset + bio.length),
+                self._active.writing(bio.offset, bio.length),
+            ):
+                await self._write(bio)
+
+    async def _leg_io(self, i: int, bio: Bio) -> BlockError | None:
+        """Run ``bio`` on leg ``i`` under the leg rules; None on success, else the error."""
+        leg = self.legs[i]
+        while True:
+            failfast = self.table.use_failfast(i)
+            flags = bio.flags | BioFlags.FAILFAST if failfast else bio.flags & ~BioFlags.FAILFAST
+            try:
+                await leg.layer.submit(dataclasses.replace(bio, flags=flags))
+                return None
+            except BlockError as exc:
+                leg.errors += 1
+                was = self.table.states[i]
+                verdict = self.table.on_error(i, failfast)
+                if verdict is Verdict.RESUBMIT:
+                    log.warning(
+                        "event=leg_last_erred leg=%s op=%s offset=%d action=resubmit_without_"
+                        "failfast reason=%r",
+                        leg.name,
+                        bio.op.name,
+                        bio.offset,
+                        str(exc),
+                    )
+                    continue
+                if verdict is Verdict.DROP and was is not LegState.ERRED:
+                    self._dropped(i, exc)
+                return exc
+
+    def _dropped(self, i: int, exc: BlockError) -> None:
+        leg = self.legs[i]
+        leg.reason = str(exc)
+        log.warning(
+            "event=leg_erred leg=%s reason=%r in_sync=%d",
+            leg.name,
+            leg.reason,
+            len(self.table.in_sync()),
+        )
+        self._note_change()
+
+    async def _read(self, bio: Bio) -> None:
+        while True:
+            i = self.table.read_leg()
+            error = await self._leg_io(i, bio)
+            if error is None:
+                return
+            if self.table.states[i] is LegState.IN_SYNC:
+                raise error  # the last good leg failed without FAILFAST: a real error
+            # dropped: another IN_SYNC leg serves the read
+
+    async def _on_all(self, bio: Bio) -> dict[int, BlockError | None]:
+        """Run ``bio`` on every leg that takes writes; each leg's outcome by index."""
+        results: dict[int, BlockError | None] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await self._leg_io(i, bio)
+
+        async with trio.open_nursery() as nursery:
+            for i in self.table.writable():
+                nursery.start_soon(one, i)
+        return results
+
+    def _outcome(self, results: dict[int, BlockError | None]) -> None:
+        """Raise unless an IN_SYNC leg completed the I/O."""
+        if any(e is None and self.table.states[i] is LegState.IN_SYNC for i, e in results.items()):
+            return
+        errors = [e for i, e in sorted(results.items()) if e is not None]
+        raise errors[-1] if errors else BlockError(errno.EIO, "no leg took the I/O")
+
+    def _missed(self, i: int, results: dict[int, BlockError | None]) -> bool:
+        """Leg ``i`` did not get the I/O and is not IN_SYNC: its bitmap must say so.  (The
+        last IN_SYNC leg failing is the user's error, not something another leg can fix.)"""
+        return self.table.states[i] is not LegState.IN_SYNC and (
+            i not in results or results[i] is not None
+        )
+
+    async def _write(self, bio: Bio) -> None:
+        results = await self._on_all(bio)
+        marked: list[DirtyBitmap] = []
+        for i, leg in enumerate(self.legs):
+            if self._missed(i, results):
+                if leg.bitmap.mark(bio.offset, bio.length):
+                    marked.append(leg.bitmap)
+            elif results.get(i, 0) is None and not bio.flags & BioFlags.FUA:
+                self._note_unflushed(leg, bio)
+        for bitmap in marked:  # durable before the write is acknowledged
+            await trio.to_thread.run_sync(bitmap.flush)
+        self._outcome(results)
+
+    def _note_unflushed(self, leg: Leg, bio: Bio) -> None:
+        if leg.unflushed_overflow:
+            return
+        step = leg.bitmap.extent_size
+        leg.unflushed.update(range(bio.offset // step, (bio.offset + bio.length - 1) // step + 1))
+        if len(leg.unflushed) > UNFLUSHED_CAP:
+            leg.unflushed, leg.unflushed_overflow = set(), True
+
+    async def _flush(self, bio: Bio) -> None:
+        """FLUSH every leg; a leg whose FLUSH fails gets its unflushed extents marked."""
+        taken = [(leg.unflushed, leg.unflushed_overflow) for leg in self.legs]
+        for leg in self.legs:
+            leg.unflushed, leg.unflushed_overflow = set(), False
+        results = await self._on_all(bio)
+        for i, leg in enumerate(self.legs):
+            if not self._missed(i, results):
+                continue
+            extents, overflow = taken[i]
+            if overflow:
+                leg.bitmap.mark_all()
+            step = leg.bitmap.extent_size
+            for extent in extents:
+                leg.bitmap.mark(extent * step, min(step, self._size - extent * step))
+            if extents or overflow:
+                await trio.to_thread.run_sync(leg.bitmap.flush)
+        self._outcome(results)
+
+    # -- return and resync ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Forever: bring ERRED legs back when they answer again."""
+        async with trio.open_nursery() as nursery:
+            for i in range(len(self.legs)):
+                nursery.start_soon(self._watch, i)
+
+    async def _watch(self, i: int) -> None:
+        while True:
+            if self.table.states[i] is LegState.ERRED:
+                if not await self._recover(i):
+                    await trio.sleep(RETRY_AFTER_S)
+            else:
+                await self.wait_changed()
+
+    async def _recover(self, i: int) -> bool:
+        leg = self.legs[i]
+        probe = memoryview(bytearray(self._limits.logical_block_size))
+        try:
+            # Without FAILFAST: waits, through reconnects, until the leg answers again.
+            await leg.layer.submit(Bio.from_buffer(Op.READ, 0, probe))
+        except BlockError:
+            return False
+        if leg.layer.size != self._size:
+            # A leg that was down at start and turned out to be another size: never in sync.
+            if leg.reason != "size mismatch":
+                leg.reason = "size mismatch"
+                log.error(
+                    "event=leg_size_mismatch leg=%s size=%d mirror_size=%d",
+                    leg.name,
+                    leg.layer.size,
+                    self._size,
+                )
+                self._note_change()
+            return False
+        if isinstance(leg.layer, RemoteVolume):
+            await leg.layer.wait_orphans_settled()  # no stale write can land after a copy
+        self.table.start_resync(i)
+        started = trio.current_time()
+        log.info("event=leg_resync_started leg=%s dirty=%d", leg.name, leg.bitmap.dirty_bytes)
+        self._note_change()
+        copied = 0
+        interrupted = ""
+        try:
+            while leg.bitmap.dirty_bytes and self.table.states[i] is LegState.RESYNCING:
+                copied += await copy_dirty_extents(
+                    leg.bitmap,
+                    self._size,
+                    lambda offset, view: self._copy(i, offset, view),
+                    rate=self.resync_rate,
+                    progress=leg.progress,
+                )
+            error = await self._leg_io(i, Bio(Op.FLUSH, 0, 0))
+            if error is not None:
+                raise error
+            await trio.to_thread.run_sync(leg.bitmap.flush)
+        except* BlockError as group:
+            interrupted = str(group.exceptions[0])
+        if interrupted or not self.table.finish_resync(i):
+            if self.table.states[i] is LegState.RESYNCING:
+                self.table.on_error(i, True)  # a copy failed on the source side: retry later
+            log.warning(
+                "event=leg_resync_interrupted leg=%s bytes=%d reason=%r",
+                leg.name,
+                copied,
+                interrupted or leg.reason,
+            )
+            self._note_change()
+            return False
+        leg.reason = ""
+        log.info(
+            "event=leg_resync_finished leg=%s bytes=%d seconds=%.2f",
+            leg.name,
+            copied,
+            trio.current_time() - started,
+        )
+        self._note_change()
+        return True
+
+    async def _copy(self, i: int, offset: int, view: memoryview) -> None:
+        """Copy one extent from an IN_SYNC leg to leg ``i`` and clear its bit, under the
+        extent's range lock (a write to it lands on every leg before or after, never during)."""
+        leg = self.legs[i]
+        async with self._locks.locked(offset, offset + len(view)):
+            if self.table.states[i] is not LegState.RESYNCING:
+                raise BlockError(errno.ECANCELED, f"leg {leg.name} erred during its resync")
+            await self._read(Bio.from_buffer(Op.READ, offset, view))
+            error = await self._leg_io(i, Bio.from_buffer(Op.WRITE, offset, view))
+            if error is not None:
+                raise error
+            leg.bitmap.clear(offset, len(view))
+            leg.resynced_bytes += len(view)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for leg in self.legs:
+            await leg.layer.aclose()
+        if self._active.al is not None:
+            # A clean stop: nothing in flight, the bitmaps hold what any leg lacks.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._active.al.clear)
