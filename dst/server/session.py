@@ -20,7 +20,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import crc32c
 import trio
 
 from dst.block import Bio, BioFlags, Op, Segment, validate_bio
@@ -29,12 +28,11 @@ from dst.fence.replay import ReplayWindow
 from dst.net.convert import limits_to_wire
 from dst.net.framed import FramedStream, describe
 from dst.replication.peer import REPLICATION_NODE_SUFFIX
+from dst.server import handlers
 from dst.server.pool import Pages
-from dst.server.status import status_document
 from dst.wire import (
     PROTOCOL_VERSION,
     Attach,
-    Attached,
     BadRequest,
     ChecksumRequest,
     Connection,
@@ -49,7 +47,6 @@ from dst.wire import (
     ReadRequest,
     Received,
     Reply,
-    StatusReply,
     StatusRequest,
     SyncRequest,
     TrimRequest,
@@ -58,7 +55,6 @@ from dst.wire import (
     WriteZeroesRequest,
     check_data,
     encode_frame,
-    pack_checksums,
 )
 
 if TYPE_CHECKING:
@@ -215,18 +211,18 @@ class Session:
                     msg.message,
                 )
                 nursery.start_soon(
-                    self._in_slot, self._answer, msg.tid, msg.sub, msg.errno, msg.message
+                    self._in_slot, self.answer, msg.tid, msg.sub, msg.errno, msg.message
                 )
             elif isinstance(msg, Attach):
-                nursery.start_soon(self._in_slot, self._attach, msg)
+                nursery.start_soon(self._in_slot, handlers.attach, self, msg)
             elif isinstance(msg, StatusRequest):
-                nursery.start_soon(self._in_slot, self._status, msg)
+                nursery.start_soon(self._in_slot, handlers.status, self, msg)
             elif isinstance(msg, ChecksumRequest):
-                nursery.start_soon(self._in_slot, self._checksum, msg)
+                nursery.start_soon(self._in_slot, handlers.checksum, self, msg)
             elif isinstance(msg, PromoteRequest):
-                nursery.start_soon(self._in_slot, self._promote, msg)
+                nursery.start_soon(self._in_slot, handlers.promote, self, msg)
             elif isinstance(msg, SyncRequest):
-                nursery.start_soon(self._in_slot, self._sync, msg)
+                nursery.start_soon(self._in_slot, handlers.sync, self, msg)
             elif isinstance(msg, DataRequest):
                 pages: Pages | None = None
                 if isinstance(msg, WriteRequest):
@@ -245,7 +241,7 @@ class Session:
                     if msg.length > max_bytes:
                         text = f"read length {msg.length} exceeds max_bytes {max_bytes}"
                         nursery.start_soon(
-                            self._in_slot, self._answer, msg.tid, msg.sub, errno.E2BIG, text
+                            self._in_slot, self.answer, msg.tid, msg.sub, errno.E2BIG, text
                         )
                         continue
                     pages = await self.server.pool.acquire(msg.length)
@@ -268,157 +264,15 @@ class Session:
         finally:
             self.slots.release()
 
-    async def _answer(self, tid: int, sub: int, code: int, text: str) -> None:
-        await self._reply(Reply(tid=tid, sub=sub, errno=code, message=text))
+    async def answer(self, tid: int, sub: int, code: int, text: str) -> None:
+        await self.reply(Reply(tid=tid, sub=sub, errno=code, message=text))
 
-    async def _reply(self, reply: Message, data: list[memoryview] | None = None) -> None:
+    async def reply(self, reply: Message, data: list[memoryview] | None = None) -> None:
         try:
             await self.send(reply, data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The peer is gone; it will resend what it still wants on its next connection.
             pass
-
-    async def _status(self, msg: StatusRequest) -> None:
-        await self._reply(StatusReply(tid=msg.tid, status=status_document(self.server)))
-
-    async def _promote(self, msg: PromoteRequest) -> None:
-        try:
-            await self.server.promote(msg.volume, force=msg.force)
-        except BlockError as exc:
-            await self._reply(Reply(tid=msg.tid, sub=0, errno=exc.errno, message=str(exc)))
-            return
-        await self._reply(Reply(tid=msg.tid, sub=0, errno=0, message=""))
-
-    async def _sync(self, msg: SyncRequest) -> None:
-        try:
-            state = await self.server.sync(msg.volume, msg.action, msg.state, self.role)
-        except BlockError as exc:
-            await self._answer(msg.tid, 0, exc.errno, str(exc))
-            return
-        await self._reply(StatusReply(tid=msg.tid, status=state))
-
-    async def _checksum(self, msg: ChecksumRequest) -> None:
-        """crc32c of each ``extent`` of the range, read locally a chunk at a time: what
-        ``dst verify`` compares across replicas without moving the data."""
-        volume = self.handles.get(msg.handle)
-        try:
-            if volume is None:
-                raise BlockError(errno.EBADF, f"handle {msg.handle} is not attached")
-            if msg.offset % 512 or msg.offset + msg.length > volume.size:
-                raise BlockError(
-                    errno.EINVAL,
-                    f"checksum range offset={msg.offset} length={msg.length} is misaligned "
-                    f"or past the end (size {volume.size})",
-                )
-            crcs = await self._extent_crcs(volume, msg.offset, msg.length, msg.extent)
-        except BlockError as exc:
-            await self._reply(Reply(tid=msg.tid, sub=msg.sub, errno=exc.errno, message=str(exc)))
-            return
-        data = [memoryview(pack_checksums(crcs))]
-        await self._reply(Reply(tid=msg.tid, sub=msg.sub, errno=0, message=""), data)
-
-    async def _extent_crcs(
-        self, volume: Volume, offset: int, length: int, extent: int
-    ) -> list[int]:
-        chunk = min(self.server.limits.max_bytes, length)
-        pages = await self.server.pool.acquire(chunk)
-        try:
-            crcs: list[int] = []
-            pos, end = offset, offset + length
-            while pos < end:
-                n = min(chunk, end - pos, extent - (pos - offset) % extent)
-                views, left = [], n
-                for v in pages.views:
-                    views.append(v[: min(len(v), left)])
-                    left -= len(views[-1])
-                    if not left:
-                        break
-                bio = Bio(Op.READ, pos, n, tuple(Segment(v, 0, len(v)) for v in views))
-                await volume.layer.submit(bio)
-                index = (pos - offset) // extent
-                if index == len(crcs):
-                    crcs.append(0)
-                crcs[index] = data_crc_continue(crcs[index], views)
-                pos += n
-            return crcs
-        finally:
-            pages.release()
-
-    async def _attach(self, msg: Attach) -> None:
-        volume = self.server.volumes.get(msg.volume)
-        if volume is None:
-            await self._reply(
-                Reply(
-                    tid=msg.tid,
-                    sub=0,
-                    errno=errno.ENOENT,
-                    message=f"volume {msg.volume!r} does not exist on this server",
-                )
-            )
-            return
-        if volume.replicated is None and self.server.role == "secondary" and self.role != "replica":
-            await self._reply(
-                Reply(
-                    tid=msg.tid,
-                    sub=0,
-                    errno=errno.EROFS,
-                    message=f"volume {msg.volume!r} is secondary on this server; "
-                    "only its primary writes to it",
-                )
-            )
-            return
-        if volume.replicated is not None and self.node.endswith(REPLICATION_NODE_SUFFIX):
-            # Another server wants to replicate into a volume that is primary here: two
-            # primaries, both taking writes. Never let one overwrite the other; once one is
-            # restarted as secondary, the generation ids show the split brain (sync.py).
-            log.error(
-                "peer=%s node=%s volume=%s event=split_brain_suspected "
-                "reason='both servers are primary'",
-                self.peer,
-                self.node,
-                volume.name,
-            )
-            await self._reply(
-                Reply(
-                    tid=msg.tid,
-                    sub=0,
-                    errno=errno.EBUSY,
-                    message=f"volume {msg.volume!r} is primary on this server too "
-                    "(split brain?): restart one side with --role secondary",
-                )
-            )
-            return
-        # A replication peer is not an owner: its primary fenced what it sends.
-        replica = self.role == "replica"
-        claim = "share" if replica else msg.claim
-        try:
-            epoch = await volume.ownership.claim(self.node, claim, 0 if replica else msg.epoch)
-        except BlockError as exc:
-            await self._answer(msg.tid, 0, exc.errno, str(exc))
-            return
-        if claim != "share":
-            self.claimed.append(volume)
-        handle = next((h for h, v in self.handles.items() if v is volume), None)
-        if handle is None:
-            handle = len(self.handles) + 1
-            self.handles[handle] = volume
-        await self._reply(
-            Attached(
-                tid=msg.tid,
-                handle=handle,
-                size=volume.size,
-                epoch=epoch,
-                limits=limits_to_wire(volume.limits),
-            )
-        )
-        log.info(
-            "peer=%s node=%s volume=%s claim=%s epoch=%d event=attached",
-            self.peer,
-            self.node,
-            volume.name,
-            claim,
-            epoch,
-        )
 
     async def _run_request(self, msg: DataRequest, pages: Pages | None) -> None:
         stats = self.server.stats
@@ -465,27 +319,19 @@ class Session:
                     exc.errno,
                     str(exc),
                 )
-                await self._reply(
-                    Reply(tid=msg.tid, sub=msg.sub, errno=exc.errno, message=str(exc))
-                )
+                await self.reply(Reply(tid=msg.tid, sub=msg.sub, errno=exc.errno, message=str(exc)))
                 return
             stats[bio.op.name.lower()] += 1
             stats["bytes_" + bio.op.name.lower()] += bio.length
             ok = True
             data = pages.views if pages is not None and bio.op is Op.READ else None
-            await self._reply(Reply(tid=msg.tid, sub=msg.sub, errno=0, message=""), data)
+            await self.reply(Reply(tid=msg.tid, sub=msg.sub, errno=0, message=""), data)
         finally:
             if pages is not None:
                 pages.release()
             name = volume.name if volume is not None else "-"
             length = 0 if isinstance(msg, FlushRequest) else msg.length
             self.server.io.end(name, OPS[type(msg)].name.lower(), length, started, ok=ok)
-
-
-def data_crc_continue(crc: int, views: list[memoryview]) -> int:
-    for v in views:
-        crc = crc32c.crc32c(v, crc)
-    return crc
 
 
 def _bio_for(msg: DataRequest, pages: Pages | None, epoch: int = 0) -> Bio:

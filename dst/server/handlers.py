@@ -1,0 +1,194 @@
+"""The server's answers to the messages that are not data: Attach (with its claim), status,
+promote, sync (replication state, split-brain resolution) and checksums (``dst verify``).
+
+Each runs in its own task, in an in-flight slot of its session, like a data request.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import TYPE_CHECKING
+
+import crc32c
+
+from dst.block import Bio, Op, Segment
+from dst.errors import BlockError
+from dst.net.convert import limits_to_wire
+from dst.replication.peer import REPLICATION_NODE_SUFFIX
+from dst.server.status import status_document
+from dst.wire import (
+    Attach,
+    Attached,
+    ChecksumRequest,
+    PromoteRequest,
+    Reply,
+    StatusReply,
+    StatusRequest,
+    SyncRequest,
+    pack_checksums,
+)
+
+if TYPE_CHECKING:
+    from dst.server.session import Session
+    from dst.server.volume import Volume
+
+log = logging.getLogger("dst.server")
+
+
+async def status(session: Session, msg: StatusRequest) -> None:
+    await session.reply(StatusReply(tid=msg.tid, status=status_document(session.server)))
+
+
+async def promote(session: Session, msg: PromoteRequest) -> None:
+    try:
+        await session.server.promote(msg.volume, force=msg.force)
+    except BlockError as exc:
+        await session.reply(Reply(tid=msg.tid, sub=0, errno=exc.errno, message=str(exc)))
+        return
+    await session.reply(Reply(tid=msg.tid, sub=0, errno=0, message=""))
+
+
+async def sync(session: Session, msg: SyncRequest) -> None:
+    try:
+        state = await session.server.sync(msg.volume, msg.action, msg.state, session.role)
+    except BlockError as exc:
+        await session.answer(msg.tid, 0, exc.errno, str(exc))
+        return
+    await session.reply(StatusReply(tid=msg.tid, status=state))
+
+
+async def checksum(session: Session, msg: ChecksumRequest) -> None:
+    """crc32c of each ``extent`` of the range, read locally a chunk at a time: what
+    ``dst verify`` compares across replicas without moving the data."""
+    volume = session.handles.get(msg.handle)
+    try:
+        if volume is None:
+            raise BlockError(errno.EBADF, f"handle {msg.handle} is not attached")
+        if msg.offset % 512 or msg.offset + msg.length > volume.size:
+            raise BlockError(
+                errno.EINVAL,
+                f"checksum range offset={msg.offset} length={msg.length} is misaligned "
+                f"or past the end (size {volume.size})",
+            )
+        crcs = await _extent_crcs(session, volume, msg.offset, msg.length, msg.extent)
+    except BlockError as exc:
+        await session.reply(Reply(tid=msg.tid, sub=msg.sub, errno=exc.errno, message=str(exc)))
+        return
+    data = [memoryview(pack_checksums(crcs))]
+    await session.reply(Reply(tid=msg.tid, sub=msg.sub, errno=0, message=""), data)
+
+
+async def _extent_crcs(
+    session: Session, volume: Volume, offset: int, length: int, extent: int
+) -> list[int]:
+    chunk = min(session.server.limits.max_bytes, length)
+    pages = await session.server.pool.acquire(chunk)
+    try:
+        crcs: list[int] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(chunk, end - pos, extent - (pos - offset) % extent)
+            views, left = [], n
+            for v in pages.views:
+                views.append(v[: min(len(v), left)])
+                left -= len(views[-1])
+                if not left:
+                    break
+            bio = Bio(Op.READ, pos, n, tuple(Segment(v, 0, len(v)) for v in views))
+            await volume.layer.submit(bio)
+            index = (pos - offset) // extent
+            if index == len(crcs):
+                crcs.append(0)
+            crcs[index] = data_crc_continue(crcs[index], views)
+            pos += n
+        return crcs
+    finally:
+        pages.release()
+
+
+async def attach(session: Session, msg: Attach) -> None:
+    volume = session.server.volumes.get(msg.volume)
+    if volume is None:
+        await session.reply(
+            Reply(
+                tid=msg.tid,
+                sub=0,
+                errno=errno.ENOENT,
+                message=f"volume {msg.volume!r} does not exist on this server",
+            )
+        )
+        return
+    if (
+        volume.replicated is None
+        and session.server.role == "secondary"
+        and session.role != "replica"
+    ):
+        await session.reply(
+            Reply(
+                tid=msg.tid,
+                sub=0,
+                errno=errno.EROFS,
+                message=f"volume {msg.volume!r} is secondary on this server; "
+                "only its primary writes to it",
+            )
+        )
+        return
+    if volume.replicated is not None and session.node.endswith(REPLICATION_NODE_SUFFIX):
+        # Another server wants to replicate into a volume that is primary here: two
+        # primaries, both taking writes. Never let one overwrite the other; once one is
+        # restarted as secondary, the generation ids show the split brain (sync.py).
+        log.error(
+            "peer=%s node=%s volume=%s event=split_brain_suspected "
+            "reason='both servers are primary'",
+            session.peer,
+            session.node,
+            volume.name,
+        )
+        await session.reply(
+            Reply(
+                tid=msg.tid,
+                sub=0,
+                errno=errno.EBUSY,
+                message=f"volume {msg.volume!r} is primary on this server too "
+                "(split brain?): restart one side with --role secondary",
+            )
+        )
+        return
+    # A replication peer is not an owner: its primary fenced what it sends.
+    replica = session.role == "replica"
+    claim = "share" if replica else msg.claim
+    try:
+        epoch = await volume.ownership.claim(session.node, claim, 0 if replica else msg.epoch)
+    except BlockError as exc:
+        await session.answer(msg.tid, 0, exc.errno, str(exc))
+        return
+    if claim != "share":
+        session.claimed.append(volume)
+    handle = next((h for h, v in session.handles.items() if v is volume), None)
+    if handle is None:
+        handle = len(session.handles) + 1
+        session.handles[handle] = volume
+    await session.reply(
+        Attached(
+            tid=msg.tid,
+            handle=handle,
+            size=volume.size,
+            epoch=epoch,
+            limits=limits_to_wire(volume.limits),
+        )
+    )
+    log.info(
+        "peer=%s node=%s volume=%s claim=%s epoch=%d event=attached",
+        session.peer,
+        session.node,
+        volume.name,
+        claim,
+        epoch,
+    )
+
+
+def data_crc_continue(crc: int, views: list[memoryview]) -> int:
+    for v in views:
+        crc = crc32c.crc32c(v, crc)
+    return crc
