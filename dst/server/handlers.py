@@ -44,7 +44,7 @@ async def promote(session: Session, msg: PromoteRequest) -> None:
     try:
         await session.server.promote(msg.volume, force=msg.force)
     except BlockError as exc:
-        await session.reply(Reply(tid=msg.tid, sub=0, errno=exc.errno, message=str(exc)))
+        await session.answer(msg.tid, 0, exc.errno, str(exc))
         return
     await session.reply(Reply(tid=msg.tid, sub=0, errno=0, message=""))
 
@@ -73,7 +73,7 @@ async def checksum(session: Session, msg: ChecksumRequest) -> None:
             )
         crcs = await _extent_crcs(session, volume, msg.offset, msg.length, msg.extent)
     except BlockError as exc:
-        await session.reply(Reply(tid=msg.tid, sub=msg.sub, errno=exc.errno, message=str(exc)))
+        await session.answer(msg.tid, msg.sub, exc.errno, str(exc))
         return
     data = [memoryview(pack_checksums(crcs))]
     await session.reply(Reply(tid=msg.tid, sub=msg.sub, errno=0, message=""), data)
@@ -110,29 +110,13 @@ async def _extent_crcs(
 async def attach(session: Session, msg: Attach) -> None:
     volume = session.server.volumes.get(msg.volume)
     if volume is None:
-        await session.reply(
-            Reply(
-                tid=msg.tid,
-                sub=0,
-                errno=errno.ENOENT,
-                message=f"volume {msg.volume!r} does not exist on this server",
-            )
-        )
+        text = f"volume {msg.volume!r} does not exist on this server"
+        await session.answer(msg.tid, 0, errno.ENOENT, text)
         return
-    if (
-        volume.replicated is None
-        and session.server.role == "secondary"
-        and session.role != "replica"
-    ):
-        await session.reply(
-            Reply(
-                tid=msg.tid,
-                sub=0,
-                errno=errno.EROFS,
-                message=f"volume {msg.volume!r} is secondary on this server; "
-                "only its primary writes to it",
-            )
-        )
+    secondary = volume.replicated is None and session.server.role == "secondary"
+    if secondary and session.role != "replica":
+        text = f"volume {msg.volume!r} is secondary on this server; only its primary writes to it"
+        await session.answer(msg.tid, 0, errno.EROFS, text)
         return
     if volume.replicated is not None and session.node.endswith(REPLICATION_NODE_SUFFIX):
         # Another server wants to replicate into a volume that is primary here: two
@@ -145,15 +129,11 @@ async def attach(session: Session, msg: Attach) -> None:
             session.node,
             volume.name,
         )
-        await session.reply(
-            Reply(
-                tid=msg.tid,
-                sub=0,
-                errno=errno.EBUSY,
-                message=f"volume {msg.volume!r} is primary on this server too "
-                "(split brain?): restart one side with --role secondary",
-            )
+        text = (
+            f"volume {msg.volume!r} is primary on this server too "
+            "(split brain?): restart one side with --role secondary"
         )
+        await session.answer(msg.tid, 0, errno.EBUSY, text)
         return
     # A replication peer is not an owner: its primary fenced what it sends.
     replica = session.role == "replica"

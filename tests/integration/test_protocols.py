@@ -77,15 +77,21 @@ async def test_a_and_b_acknowledge_before_the_peer_is_done_and_flush_waits(
         assert same_files(tmp_path / "primary" / "vol0.img", tmp_path / "secondary" / "vol0.img")
 
 
-async def test_c_acknowledges_only_when_the_peer_is_done(tmp_path: Path) -> None:
-    async with running_pair(tmp_path, "C") as (_, secondary, address, _):
+@pytest.mark.parametrize(
+    ("protocol", "flags"), [("C", BioFlags.NONE), ("A", BioFlags.FUA)], ids=["C", "FUA-under-A"]
+)
+async def test_c_and_fua_acknowledge_only_when_the_peer_is_done(
+    tmp_path: Path, protocol: str, flags: BioFlags
+) -> None:
+    """Under C every write, and under any protocol a FUA write, waits for the peer."""
+    async with running_pair(tmp_path, protocol) as (_, secondary, address, _):
         gate = Gate(secondary.volumes["vol0"].layer)
         secondary.volumes["vol0"].layer = gate
         async with open_remote(address, "vol0") as vol:
             done = trio.Event()
 
             async def write() -> None:
-                await vol.submit(Bio.from_buffer(Op.WRITE, 0, b"c" * 4096))
+                await vol.submit(Bio.from_buffer(Op.WRITE, 0, b"c" * 4096, flags=flags))
                 done.set()
 
             async with trio.open_nursery() as nursery:
@@ -94,22 +100,3 @@ async def test_c_acknowledges_only_when_the_peer_is_done(tmp_path: Path) -> None
                 assert gate.waiting == 1 and not done.is_set()
                 gate.opened.set()
             assert block(tmp_path / "secondary" / "vol0.img", 0) == b"c" * 4096
-
-
-async def test_fua_is_stable_on_both_under_protocol_a(tmp_path: Path) -> None:
-    async with running_pair(tmp_path, "A") as (_, secondary, address, _):
-        gate = Gate(secondary.volumes["vol0"].layer)
-        secondary.volumes["vol0"].layer = gate
-        async with open_remote(address, "vol0") as vol:
-            done = trio.Event()
-
-            async def write() -> None:
-                await vol.submit(Bio.from_buffer(Op.WRITE, 0, b"f" * 4096, flags=BioFlags.FUA))
-                done.set()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(write)
-                await trio.sleep(0.5)
-                assert not done.is_set(), "FUA means stable on both, even under A"
-                gate.opened.set()
-            assert block(tmp_path / "secondary" / "vol0.img", 0) == b"f" * 4096
