@@ -59,6 +59,10 @@ class RemoteConfig:
     # The deadline of a FAILFAST bio (module docstring); None: no deadline, a FAILFAST bio then
     # fails only when the server answers an error or the link dies (keepalive, dead_after_s).
     failfast_timeout_s: float | None = 1.0
+    # A request with no answer for this long breaks its link (a frame lost on the way, or a
+    # server stuck on it: pings still pass, so keepalive cannot tell); the next link resends
+    # it.  None: wait forever.
+    request_timeout_s: float | None = 60.0
     #: How the first attach claims the volume (dst/fence/claims.py): "share", "own" (a
     #: bridge) or "takeover".  Reconnects claim "own" at the epoch already held.
     claim: str = "share"
@@ -100,6 +104,7 @@ class Command:
     txn: Transaction
     generation: int = -1  # the link it was last sent on
     early_done: bool = False
+    sent_at: float = 0.0  # trio clock, when it was last sent
 
 
 @dataclass(slots=True)

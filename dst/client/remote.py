@@ -233,6 +233,7 @@ class RemoteVolume:
             data = cmd.piece.views() if cmd.piece.op is Op.WRITE else ()
             try:
                 msg = request_message(cmd, link.handle, link.epoch, self.config.page_size)
+                cmd.sent_at = trio.current_time()
                 await link.send(msg, data)
             except (LinkBroken, trio.BrokenResourceError, trio.ClosedResourceError):
                 link.broken("send failed")
@@ -427,6 +428,16 @@ class RemoteVolume:
                     self._link_changed = trio.Event()
                 await trio.sleep(min(1.0, 0.05 * 2 ** min(failures, 5)))
 
+    async def _watch_requests(self, link: Link, timeout_s: float) -> None:
+        """Break ``link`` when a request sent on it stays unanswered for ``timeout_s``."""
+        while True:
+            await trio.sleep(min(1.0, timeout_s / 4))
+            sent = [c.sent_at for c in self._pending.values() if c.generation == link.generation]
+            age = trio.current_time() - min(sent, default=trio.current_time())
+            if age > timeout_s:
+                link.broken(f"a request unanswered for {age:.1f} s")
+                return
+
     async def _run_link(self, link: Link) -> str | None:
         """Run ``link`` until it breaks; the reason ``on_link`` refused it, or None."""
         refusal: str | None = None
@@ -436,6 +447,8 @@ class RemoteVolume:
                 nursery.start_soon(
                     link.run_keepalive, self.config.keepalive_s, self.config.dead_after_s
                 )
+                if self.config.request_timeout_s is not None:
+                    nursery.start_soon(self._watch_requests, link, self.config.request_timeout_s)
                 if self.on_link is not None:
                     try:
                         await self.on_link(link)

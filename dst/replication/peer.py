@@ -16,6 +16,9 @@ from dst.security.tls import TlsConfig
 #: A silent peer is declared gone after this long; writes meanwhile wait, so keep it short.
 PEER_DEAD_AFTER_S = 3.0
 PEER_KEEPALIVE_S = 0.5
+#: A replicated write the peer leaves unanswered this long (a lost frame, a stuck disk) breaks
+#: the link: the write degrades into the bitmap instead of stalling the primary.
+PEER_REQUEST_TIMEOUT_S = 10.0
 #: Ends the node id a replication link says Hello with: a primary refuses to be replicated
 #: into by another primary (two primaries = split brain), while other replica-role readers
 #: (``dst verify``) may still attach.
@@ -34,5 +37,6 @@ def open_peer(address: Address, volume: str, tls: TlsConfig | None, node_id: str
         keepalive_s=PEER_KEEPALIVE_S,
         dead_after_s=PEER_DEAD_AFTER_S,
         resend=False,
+        request_timeout_s=PEER_REQUEST_TIMEOUT_S,
     )
     return RemoteVolume(config)

@@ -100,3 +100,24 @@ async def test_c_and_fua_acknowledge_only_when_the_peer_is_done(
                 assert gate.waiting == 1 and not done.is_set()
                 gate.opened.set()
             assert block(tmp_path / "secondary" / "vol0.img", 0) == b"c" * 4096
+
+
+async def test_a_peer_that_never_answers_a_write_degrades_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replicated write whose answer never comes (a lost frame, a stuck disk — pings still
+    pass) breaks the replication link after the request timeout: the write is recorded in the
+    bitmap and acknowledged instead of stalling the primary forever."""
+    monkeypatch.setattr("dst.replication.peer.PEER_REQUEST_TIMEOUT_S", 1.0)
+    async with running_pair(tmp_path) as (primary, secondary, address, _):
+        gate = Gate(secondary.volumes["vol0"].layer)
+        secondary.volumes["vol0"].layer = gate
+        try:
+            async with open_remote(address, "vol0") as vol:
+                with trio.fail_after(30):
+                    await vol.submit(Bio.from_buffer(Op.WRITE, 0, b"s" * 4096))
+            rep = primary.volumes["vol0"].replicated
+            assert rep is not None and rep.statistics().degraded_writes == 1
+            assert rep.statistics().out_of_sync_bytes > 0
+        finally:
+            gate.opened.set()
