@@ -162,7 +162,10 @@ class RemoteVolume:
         tid = next(self._ids)
         self.stats.transactions += 1
         for sub, piece in enumerate(pieces):
-            await self._slots.acquire()
+            try:  # a free slot is taken without a trip through the scheduler
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                await self._slots.acquire()
             cmd = Command(tid, sub, piece, txn)
             self._pending[(tid, sub)] = cmd
             self.stats.commands += 1
