@@ -65,8 +65,9 @@ IO_THREADS = 8
 #: Writes up to this size go to the page cache inline (see the module docstring): a 32 KiB
 #: replication-boundary chunk still copies in well under the cost of a thread handoff.
 INLINE_WRITE_BYTES = 64 * 1024
-#: An inline write slower than this means the kernel made us wait (dirty throttling, disk)...
-INLINE_WRITE_MAX_S = 0.002
+#: An inline write slower than this means the kernel made us wait (dirty throttling pauses
+#: run 10-200 ms; a busy VM's scheduling jitter of a few ms must not count)...
+INLINE_WRITE_MAX_S = 0.010
 #: ...so the store's writes use threads for this long before trying inline again.
 INLINE_WRITE_PAUSE_S = 1.0
 
