@@ -74,6 +74,7 @@ class Link:
         self.server_page_size = welcome.page_size
         self.generation = generation
         self.owner = owner
+        framed.in_flight = owner.in_flight
         self.reason = ""
         self._broken = trio.Event()
         self._last_rx = trio.current_time()

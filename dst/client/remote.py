@@ -147,6 +147,10 @@ class RemoteVolume:
     def connected(self) -> bool:
         return self._link is not None
 
+    def in_flight(self) -> int:
+        """Commands sent or about to be sent and not yet answered."""
+        return len(self._pending)
+
     async def wait_connected(self) -> None:
         while self._link is None:
             await self._link_changed.wait()

@@ -231,6 +231,7 @@ class _Connection:
         self._log(logging.INFO, "ready", f" flags=0x{ready.flags:x} sr={sr}")
         session = Session.for_export(ready.export, flags=ready.flags, structured_replies=sr)
         self.wire = _Wire(self.stream, initial=trailing)
+        self.wire.in_flight = lambda: MAX_INFLIGHT - self._slots.value
         async with trio.open_nursery() as tasks:
             try:
                 reason: str | Exception = await self._read(tasks, session)

@@ -7,11 +7,12 @@ straight into the caller's buffers, IOV_MAX at a time.
 Writes are coalesced: a message's parts join the stream's outgoing queue, and one sender at a
 time (the *flusher*) hands everything queued so far to the kernel as one ``writev`` — the
 replies of a burst of requests (32 fio requests in flight, 64 frames to a server) cost one
-syscall and one wakeup of the peer, not one each.  When other tasks are runnable the flusher
-first lets them run, so the replies woken by the same burst queue behind it.  Messages never
-interleave (a message's parts are queued together), and a sender returns only once its message
-is in the kernel (by itself or by the flusher ahead of it): a peer that stops reading holds
-its senders, and their buffers, as TCP backpressure.
+syscall and one wakeup of the peer, not one each.  When the stream's owner has other requests
+in flight (:attr:`ByteStream.in_flight`) the flusher first yields once, so the replies woken by
+the same burst queue behind it; with one request in flight (queue depth 1) it sends at once.
+Messages never interleave (a message's parts are queued together), and a sender returns only
+once its message is in the kernel (by itself or by the flusher ahead of it): a peer that stops
+reading holds its senders, and their buffers, as TCP backpressure.
 
 The data path is where a request's cost is counted in scheduler passes, so on a plain socket
 the syscalls go straight to the descriptor (non-blocking, as Trio made it) and wait with
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -47,6 +48,10 @@ READ_BUFFER_SIZE = 24 + 64 * 1024 + 192 * 1024
 IOV_MAX = 1024
 #: Bytes discarded per read when skipping a refused payload.
 SKIP_CHUNK = 256 * 1024
+
+
+def _nothing_in_flight() -> int:
+    return 0
 
 
 class ByteStream:
@@ -66,6 +71,9 @@ class ByteStream:
         self._send_failed: str = ""  # set once a send failed or was interrupted
         self.bytes_received = 0
         self.bytes_sent = 0
+        #: Set by the owner: how many requests it has in flight, the message being sent
+        #: included.  Above one, a flusher waits a scheduler pass for the others' messages.
+        self.in_flight: Callable[[], int] = _nothing_in_flight
 
     async def _recv_into(self, views: Sequence[memoryview]) -> int:
         try:
@@ -200,14 +208,18 @@ class ByteStream:
             return
         self._flushing = True
         try:
-            if trio.lowlevel.current_statistics().tasks_runnable:
-                # Tasks about to send (replies woken by the same burst) queue behind us first.
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            while self._sent < self._queued:
+            while True:
                 bufs, upto = self._out, self._queued
                 self._out = []
                 await self._send_all(bufs)
                 self._sent = upto
+                if self.in_flight() <= 1:
+                    break
+                # Tasks about to send (replies woken by the same burst, which trio runs in
+                # this same pass) queue behind us while we yield, and go out together next.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                if self._sent == self._queued:
+                    break
         except BaseException as exc:
             # Part of a message may have gone: the stream's framing is lost for good.
             self._send_failed = f"send failed: {describe(exc)}"

@@ -91,6 +91,7 @@ class Session:
         self.role = "?"
         self.handles: dict[int, Volume] = {}
         self.slots = trio.Semaphore(server.max_inflight)
+        framed.in_flight = lambda: server.max_inflight - self.slots.value
 
     async def send(self, msg: Message, data: list[memoryview] | None = None) -> None:
         self.conn.send(msg)
