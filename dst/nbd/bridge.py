@@ -62,6 +62,9 @@ NBD_CLIENT_ROLES = frozenset({"client"})
 #: ERR_UNSUP, which is normal probing (metadata contexts, newer extensions) and goes to DEBUG.
 _REFUSALS = frozenset(r for r in Reply if r > Reply.ERR_UNSUP)
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+#: READ, WRITE, FLUSH, TRIM, WRITE_ZEROES share their names with Op (looked up once, not per
+#: request: enum lookups by name were 3% of the bridge's time under fio).
+_OPS = {int(c): Op[c.name] for c in Command if c.name in Op.__members__}
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,7 +309,7 @@ class _Connection:
     async def _submit(self, req: Request, buf: bytearray | None) -> None:
         # READ, WRITE, FLUSH, TRIM, WRITE_ZEROES share their names with Op; CACHE has no bio:
         # it is a hint, judged and acknowledged.
-        op, layer = Op.__members__.get(Command(req.command).name), self._layer
+        op, layer = _OPS.get(req.command), self._layer
         if op is None or layer is None:
             return
         flags = BioFlags.FUA if req.flags & CommandFlags.FUA else BioFlags.NONE
