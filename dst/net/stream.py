@@ -7,9 +7,10 @@ straight into the caller's buffers, IOV_MAX at a time.
 Writes are coalesced: a message's parts join the stream's outgoing queue, and one sender at a
 time (the *flusher*) hands everything queued so far to the kernel as one ``writev`` — the
 replies of a burst of requests (32 fio requests in flight, 64 frames to a server) cost one
-syscall and one wakeup of the peer, not one each.  When the stream's owner has other requests
-in flight (:attr:`ByteStream.in_flight`) the flusher first yields once, so the replies woken by
-the same burst queue behind it; with one request in flight (queue depth 1) it sends at once.
+syscall and one wakeup of the peer, not one each.  The flusher sends what is queued at once;
+when the stream's owner has other requests in flight (:attr:`ByteStream.in_flight`) it then
+yields one pass, so the replies woken by the same burst queue behind it, and sends those in one
+more ``writev`` before handing over (a waiter whose message is still queued takes over).
 Messages never interleave (a message's parts are queued together), and a sender returns only
 once its message is in the kernel (by itself or by the flusher ahead of it): a peer that stops
 reading holds its senders, and their buffers, as TCP backpressure.
@@ -72,7 +73,7 @@ class ByteStream:
         self.bytes_received = 0
         self.bytes_sent = 0
         #: Set by the owner: how many requests it has in flight, the message being sent
-        #: included.  Above one, a flusher waits a scheduler pass for the others' messages.
+        #: included.  Above one, a flusher gathers the others' messages for one more pass.
         self.in_flight: Callable[[], int] = _nothing_in_flight
 
     async def _recv_into(self, views: Sequence[memoryview]) -> int:
@@ -200,26 +201,27 @@ class ByteStream:
         self._out.extend(memoryview(p).cast("B") for p in parts if len(p))
         self._queued += 1
         mine = self._queued
-        if self._flushing:
-            while self._sent < mine:  # the flusher sends ours; it wakes us when it is done
-                if self._send_failed:
-                    raise trio.BrokenResourceError(self._send_failed)
-                await self._flushed.wait()
-            return
+        while self._flushing:  # the flusher may send ours; it wakes us when it is done
+            await self._flushed.wait()
+            if self._sent >= mine:
+                return
+        if self._send_failed:  # the send that carried ours failed
+            raise trio.BrokenResourceError(self._send_failed)
         self._flushing = True
         try:
-            while True:
+            gathered = False
+            while self._sent < self._queued:
                 bufs, upto = self._out, self._queued
                 self._out = []
                 await self._send_all(bufs)
                 self._sent = upto
-                if self.in_flight() <= 1:
+                if gathered or self.in_flight() <= 1:
                     break
                 # Tasks about to send (replies woken by the same burst, which trio runs in
-                # this same pass) queue behind us while we yield, and go out together next.
+                # this same pass) queue behind us while we yield, and go out together next;
+                # once, so that a steady stream does not hold this sender (and its request).
+                gathered = True
                 await trio.lowlevel.cancel_shielded_checkpoint()
-                if self._sent == self._queued:
-                    break
         except BaseException as exc:
             # Part of a message may have gone: the stream's framing is lost for good.
             self._send_failed = f"send failed: {describe(exc)}"
@@ -228,7 +230,7 @@ class ByteStream:
             raise
         finally:
             self._flushing = False
-            self._flushed.set()
+            self._flushed.set()  # waiters whose message is still queued: one takes over
             self._flushed = trio.Event()
 
     async def _send_all(self, bufs: list[memoryview]) -> None:
