@@ -16,6 +16,5 @@ lint:
 	python3 -m mypy
 
 bench: setup
-	python3 -m bench.remote
-	python3 -m bench.nbd_compare
+	python3 -m bench
 	python3 -m bench.failfast

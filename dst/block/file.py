@@ -16,7 +16,13 @@ fdatasyncs, not twenty.  If an fdatasync ever fails, the store refuses every lat
 flush with EIO: after a failed fsync Linux may drop the dirty pages and report success next
 time (PostgreSQL's "fsyncgate"), so a later success would be a lie about data already lost.
 
-Every blocking syscall runs in ``trio.to_thread.run_sync`` under one CapacityLimiter shared by
+Small writes (up to :data:`INLINE_WRITE_BYTES`) go to the page cache with ``pwritev`` on the
+event loop: buffered Linux has no ``RWF_NOWAIT`` for them, but a 4 KiB write into the page
+cache takes microseconds where a thread handoff costs a wakeup and two scheduler passes.  If
+one ever takes longer than :data:`INLINE_WRITE_MAX_S` (writeback throttling, a slow disk), the
+store sends its writes to threads for :data:`INLINE_WRITE_PAUSE_S`, so a sick disk stalls the
+loop once, briefly, not continuously.  Cached reads are tried inline too (``RWF_NOWAIT``).
+Every other blocking syscall runs in ``trio.to_thread.run_sync`` under one CapacityLimiter shared by
 all stores in the Trio run (:data:`IO_THREADS`), so a slow disk never stalls the event loop —
 and a thread, once started, is never abandoned: a cancelled submit still waits for its syscall,
 and ``aclose`` waits for every submit in flight before closing the descriptor, so a late
@@ -31,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import stat
@@ -45,6 +52,8 @@ from dst.errors import BlockError, ConfigError
 
 __all__ = ["IOV_MAX", "IO_THREADS", "FileStore"]
 
+log = logging.getLogger("dst.block")
+
 #: Linux's UIO_MAXIOV: preadv/pwritev fail with EINVAL beyond this many buffers, so longer
 #: segment lists go down in groups of this size.
 IOV_MAX = 1024
@@ -52,6 +61,15 @@ IOV_MAX = 1024
 #: Threads doing disk syscalls at once, for all FileStores of a Trio run together: enough to
 #: keep a device queue busy, few enough that a stuck disk cannot pile up unbounded threads.
 IO_THREADS = 8
+
+#: Writes up to this size go to the page cache inline (see the module docstring): a 32 KiB
+#: replication-boundary chunk still copies in well under the cost of a thread handoff.
+INLINE_WRITE_BYTES = 64 * 1024
+#: An inline write slower than this means the kernel made us wait (dirty throttling pauses
+#: run 10-200 ms; a busy VM's scheduling jitter of a few ms must not count)...
+INLINE_WRITE_MAX_S = 0.010
+#: ...so the store's writes use threads for this long before trying inline again.
+INLINE_WRITE_PAUSE_S = 1.0
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -203,6 +221,7 @@ class FileStore:
         self._running: _SyncRound | None = None
         self._next: _SyncRound | None = None
         self._sync_failure: OSError | None = None
+        self._threads_until = 0.0  # trio.current_time() before which writes use threads
 
     @classmethod
     def open(
@@ -330,7 +349,23 @@ class FileStore:
                 await trio.lowlevel.checkpoint()
         elif op is Op.WRITE:
             views = bio.views()
-            await self._run(bio, lambda: _pwritev_all(fd, views, bio.offset))
+            if bio.length <= INLINE_WRITE_BYTES and trio.current_time() >= self._threads_until:
+                start = trio.current_time()
+                try:
+                    _pwritev_all(fd, views, bio.offset)
+                except OSError as exc:
+                    raise self._error(bio, exc) from exc
+                took = trio.current_time() - start
+                if took > INLINE_WRITE_MAX_S:
+                    self._threads_until = trio.current_time() + INLINE_WRITE_PAUSE_S
+                    log.info(
+                        "path=%s event=slow_inline_write took_ms=%.1f length=%d",
+                        self._path,
+                        took * 1000,
+                        bio.length,
+                    )
+            else:
+                await self._run(bio, lambda: _pwritev_all(fd, views, bio.offset))
         else:
             keep = op is Op.WRITE_ZEROES and bool(bio.flags & BioFlags.NO_HOLE)
             await self._run(

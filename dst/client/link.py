@@ -77,6 +77,7 @@ class Link:
         self.server_page_size = welcome.page_size
         self.generation = generation
         self.owner = owner
+        framed.in_flight = owner.in_flight
         self.reason = ""
         # Administration calls on this link (SyncRequest): tid -> [done, answer].
         self._calls: dict[int, tuple[trio.Event, list[Message]]] = {}

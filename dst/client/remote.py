@@ -119,6 +119,10 @@ class RemoteVolume:
         """A transaction id no other request on this volume's links uses."""
         return next(self._ids)
 
+    def in_flight(self) -> int:
+        """Commands sent or about to be sent and not yet answered."""
+        return len(self._pending)
+
     async def wait_connected(self) -> None:
         while self._link is None:
             await self._link_changed.wait()
@@ -146,7 +150,10 @@ class RemoteVolume:
         tid = next(self._ids)
         self.stats.transactions += 1
         for sub, piece in enumerate(pieces):
-            await self._slots.acquire()
+            try:  # a free slot is taken without a trip through the scheduler
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                await self._slots.acquire()
             cmd = Command(tid, sub, piece, txn)
             txn.commands.append(cmd)
             self._pending[(tid, sub)] = cmd

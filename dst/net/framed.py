@@ -3,7 +3,7 @@
 The head (24-byte prefix, then the msgpack map) is read as views of the stream's buffer and
 handed to the sans-IO codec; the frame's data is then received straight into the caller's
 buffers — the client's bio segments for a read reply, the server's pool pages for a write —
-and a frame goes out as one ``sendmsg`` of [head, *data].
+and a frame goes out as one ``writev`` of [head, *data], coalesced with frames queued with it.
 """
 
 from __future__ import annotations

@@ -64,6 +64,14 @@ class PagePool:
     def pages_for(self, nbytes: int) -> int:
         return -(-nbytes // self.page_size)
 
+    def acquire_nowait(self, nbytes: int) -> Pages | None:
+        """Pages covering ``nbytes`` if the pool has them now and nobody waits ahead, else
+        None: the session's read loop takes pages without a trip through the scheduler."""
+        need = self.pages_for(nbytes)
+        if not self._waiters and need <= len(self._free):
+            return self._views(self._pop(need), nbytes)
+        return None
+
     async def acquire(self, nbytes: int) -> Pages:
         """Pages covering ``nbytes``; waits (FIFO) while the pool is short."""
         need = self.pages_for(nbytes)

@@ -200,6 +200,34 @@ def _pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
     return result
 
 
+#: Message types decoded on the fast path of :func:`_unpack_flat`: their fields are ints, page
+#: runs and a message string, so a top-level map with only known keys holds no inner map that
+#: could repeat a key (a value of another shape fails _shape as it always did).
+_FLAT_KEYS = {
+    int(t): frozenset(key for _, key, _ in WIRE_KEYS[t][1])
+    for t in (MsgType.READ, MsgType.WRITE, MsgType.REPLY, MsgType.FLUSH, MsgType.PING)
+}
+_FIXMAP, _FIXMAP_MASK = 0x80, 0xF0
+
+
+def _unpack_flat(msg_type: int, meta: bytes | bytearray | memoryview) -> dict[str, Any] | None:
+    """The hot messages' meta without a Python callback per map: msgpack's C decoder alone,
+    then the same two rules :func:`_pairs` enforces, checked on the result — no repeated key
+    (the fixmap header's count against the dict's size) and only string keys (every key one
+    this type knows).  None sends anything unusual down the general path, which gives the
+    proper error."""
+    keys = _FLAT_KEYS.get(msg_type)
+    if keys is None or not meta or meta[0] & _FIXMAP_MASK != _FIXMAP:
+        return None
+    try:
+        obj = msgpack.unpackb(meta, raw=False, use_list=False, strict_map_key=True)
+    except Exception:
+        return None
+    if type(obj) is not dict or len(obj) != meta[0] & 0x0F or not keys.issuperset(obj):
+        return None
+    return obj
+
+
 def _unpack(meta: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
         obj = msgpack.unpackb(
@@ -272,7 +300,9 @@ def parse_meta(prefix: FramePrefix, meta: bytes | bytearray | memoryview) -> Mes
     crc = crc32c.crc32c(meta, crc32c.crc32c(head))
     if crc != prefix.header_crc:
         raise RemoteProtocolError(f"header crc {prefix.header_crc:#010x}, computed {crc:#010x}")
-    obj = _unpack(meta)
+    obj = _unpack_flat(prefix.msg_type, meta)
+    if obj is None:
+        obj = _unpack(meta)
     spec = _BY_TYPE.get(prefix.msg_type)
     if spec is None:
         tid, sub = _ids(obj, None)
@@ -364,10 +394,11 @@ def encode_frame(
         data_crc = _data_crc(data)
     elif not (type(data_crc) is int and 0 <= data_crc <= U32_MAX) or (data_crc and not data_len):
         raise LocalProtocolError(f"data_crc {data_crc!r} for {data_len} data bytes")
-    meta = msgpack.packb(
-        {key: _wire_value(kind, getattr(msg, attr)) for attr, key, kind in fields},
-        use_bin_type=True,
-    )
+    if msg_type in _FLAT_KEYS:  # no limits or status maps: nothing to canonicalise
+        values = {key: getattr(msg, attr) for attr, key, _ in fields}
+    else:
+        values = {key: _wire_value(kind, getattr(msg, attr)) for attr, key, kind in fields}
+    meta = msgpack.packb(values, use_bin_type=True)
     if len(meta) > MAX_META_LEN:
         raise LocalProtocolError(f"meta is {len(meta)} bytes, over MAX_META_LEN {MAX_META_LEN}")
     head = _HEAD20.pack(MAGIC, FRAME_VERSION, msg_type, flags, len(meta), data_len, data_crc)

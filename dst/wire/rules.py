@@ -153,6 +153,8 @@ def _is_int(value: object) -> bool:
 
 
 def _uint(name: str, value: int, hi: int, lo: int = 0) -> None:
+    if type(value) is int and lo <= value <= hi:  # the common case, without a call per field
+        return
     if not _is_int(value) or not lo <= value <= hi:
         raise FieldError(name, value, f"must be an integer in [{lo}, {hi}]")
 

@@ -27,6 +27,7 @@ from dst.block import (
     Segment,
     submit_split,
 )
+from dst.block import file as file_module
 from dst.errors import BlockError, ConfigError
 from tests.conformance.check import MIN_SIZE, check_block_device, pattern
 
@@ -338,4 +339,38 @@ async def test_uncached_reads_fall_back_to_a_thread(
     await store.submit(Bio.from_buffer(Op.READ, 0, out))
     assert out == raw
     assert outcomes and set(outcomes) == {"nowait"}, outcomes
+    await store.aclose()
+
+
+async def test_small_writes_go_inline_until_one_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 4 KiB write is a pwritev on the event loop's thread; one that takes too long (the
+    kernel throttling dirty pages) sends the next writes to worker threads; large writes
+    always go to threads."""
+    store = FileStore.open(tmp_path / "vol.img", SIZE)
+    real, slow = os.pwritev, [False]
+    threads: list[str] = []
+
+    def pwritev(fd: int, buffers: list[memoryview], offset: int, *flags: int) -> int:
+        threads.append(threading.current_thread().name)
+        if slow[0]:
+            time.sleep(file_module.INLINE_WRITE_MAX_S * 3)
+        return real(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    loop = threading.current_thread().name
+    small = bytearray(pattern(1, 4096))
+    await store.submit(Bio.from_buffer(Op.WRITE, 0, small))
+    big = bytearray(pattern(2, file_module.INLINE_WRITE_BYTES + 4096))
+    await store.submit(Bio.from_buffer(Op.WRITE, 8192, big))
+    assert threads[0] == loop and threads[1] != loop
+    slow[0] = True
+    await store.submit(Bio.from_buffer(Op.WRITE, 0, small))  # inline, slow
+    slow[0] = False
+    await store.submit(Bio.from_buffer(Op.WRITE, 4096, small))  # paused: a thread
+    assert threads[2] == loop and threads[3] != loop
+    out = bytearray(4096)
+    await store.submit(Bio.from_buffer(Op.READ, 4096, out))
+    assert out == small
     await store.aclose()

@@ -284,6 +284,7 @@ def test_meta_that_is_not_a_map_is_fatal(meta: bytes) -> None:
         b"\x81\xa1t\xa2\xff\xfe",  # invalid UTF-8
         b"\x81\xa1t" + b"\x91" * 5000 + b"\x00",  # nested beyond any stack
         b"\xdf\xff\xff\xff\xff",  # a map claiming 2**32-1 entries
+        b"\x82\xa1t\x01\xa1z\x82\xa1a\x01\xa1a\x02",  # "a" twice, under an unknown key
     ],
     ids=[
         "int-key",
@@ -295,11 +296,15 @@ def test_meta_that_is_not_a_map_is_fatal(meta: bytes) -> None:
         "utf8",
         "deep",
         "huge-map",
+        "nested-repeated-key",
     ],
 )
-def test_undecodable_meta_is_fatal(meta: bytes) -> None:
+# FLUSH, READ and REPLY take the codec's fast path (msgpack without the per-map hook); it
+# must refuse exactly what the general path refuses.
+@pytest.mark.parametrize("msg_type", [MsgType.FLUSH, MsgType.READ, MsgType.REPLY])
+def test_undecodable_meta_is_fatal(meta: bytes, msg_type: MsgType) -> None:
     with pytest.raises(RemoteProtocolError):
-        decode(raw_frame(MsgType.FLUSH, meta))
+        decode(raw_frame(msg_type, meta))
 
 
 # -- field errors: answered for requests, fatal otherwise -----------------------
