@@ -142,6 +142,24 @@ def progress_bar(done: int, total: int, width: int = 20) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {int(fraction * 100):3d}%"
 
 
+def render_mirror(docs: Mapping[str, Mapping[str, Any]]) -> str:
+    """A mirror bridge's status files (``dst status --mirror-state DIR``): a row per leg."""
+    lines = []
+    for volume, doc in docs.items():
+        lines.append(f"mirror {volume}  size {_size(doc['size'])}")
+        lines.append(f"  {'LEG':<22}{'STATE':<12}{'DIRTY':>11}  {'RESYNC':<34}REASON")
+        for leg in doc["legs"]:
+            resync = "-"
+            if leg["state"] == "resyncing":
+                bar = progress_bar(leg["resync_done_bytes"], leg["resync_total_bytes"])
+                resync = f"{bar} {_size(leg['resync_rate_bytes_s'])}/s"
+            lines.append(
+                f"  {leg['leg']:<22}{leg['state']:<12}{_size(leg['dirty_bytes']):>11}  "
+                f"{resync:<34}{leg['reason'] or '-'}"
+            )
+    return "\n".join(lines)
+
+
 def render_statuses(servers: Sequence[str], results: Sequence[Mapping[str, Any] | str]) -> str:
     """Several servers (``dst status --config``): one block each, unreachable ones named."""
     blocks = []

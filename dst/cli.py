@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--server", action="append", metavar="HOST:PORT", help="a server to ask; repeatable"
     )
+    p.add_argument(
+        "--mirror-state",
+        type=Path,
+        metavar="DIR",
+        help="a mirror bridge's --state-dir: each leg's state, dirty bytes and resync progress",
+    )
     p.add_argument("--json", action="store_true", help="the raw status document(s)")
     p.add_argument("--tls", metavar="DIR", type=Path, help="node directory from `dst certs issue`")
 
@@ -406,6 +412,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dst.admin import fetch_status, fetch_statuses, render_status, render_statuses
     from dst.config import servers_in_file
 
+    if args.mirror_state is not None:
+        from dst.admin import render_mirror
+
+        files = sorted(args.mirror_state.glob("*.mirror.json"))
+        if not files:
+            raise ConfigError(f"--mirror-state {args.mirror_state}: no *.mirror.json there")
+        docs = {f.name.removesuffix(".mirror.json"): json.loads(f.read_text()) for f in files}
+        print(json.dumps(docs, indent=2) if args.json else render_mirror(docs))
+        return 0
     servers: list[str] = args.server or []
     tls_dir: Path | None = args.tls
     if not servers and args.config is not None:

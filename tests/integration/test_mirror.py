@@ -105,6 +105,11 @@ async def test_failfast_mirror_through_the_nbd_bridge(tmp_path: Path) -> None:
                 await trio.sleep(0.5)  # the load goes on over leg A alone
                 stop_file.touch()
             assert "failfast" in erred["reason"], erred
+            shown = await run(
+                [sys.executable, "-m", "dst", "status", "--mirror-state", str(state_dir)]
+            )
+            row = next(r for r in shown.stdout.decode().splitlines() if str(b.address) in r)
+            assert "erred" in row and "failfast" in row, row
             assert value(scrape(metrics), "dst_mirror_failfast_events_total") >= 1
             writes = int(re.search(r"writes (\d+)", result[0]).group(1))  # type: ignore[union-attr]
             assert writes > 20, result

@@ -49,3 +49,23 @@ def test_several_servers_and_an_unreachable_one() -> None:
     )
     assert text.startswith("== 127.0.0.1:7410 ==\nnode a  role primary")
     assert text.endswith("== 127.0.0.1:7411 ==\nunreachable: connection refused")
+
+
+def test_mirror_legs_render_with_state_and_progress() -> None:
+    from dst.admin import render_mirror
+
+    leg = {"resync_rate_bytes_s": 1 << 20, "resynced_bytes": 0, "errors": 0}
+    doc = {
+        "size": 64 << 20,
+        "legs": [
+            {**leg, "leg": "10.0.0.1:7410", "state": "in_sync", "reason": "", "dirty_bytes": 0,
+             "resync_total_bytes": 0, "resync_done_bytes": 0},
+            {**leg, "leg": "10.0.0.2:7410", "state": "resyncing", "reason": "failfast: timeout",
+             "dirty_bytes": 4 << 20, "resync_total_bytes": 8 << 20, "resync_done_bytes": 4 << 20},
+        ],
+    }  # fmt: skip
+    text = render_mirror({"vol0": doc})
+    first, second = (line for line in text.splitlines() if "10.0.0." in line)
+    assert "in_sync" in first and first.rstrip().endswith("-")
+    assert "resyncing" in second and " 50%" in second and "4.0 MiB" in second
+    assert "failfast: timeout" in second and text.startswith("mirror vol0  size 64.0 MiB")
