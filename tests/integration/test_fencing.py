@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -82,10 +82,18 @@ def block0(data_dir: Path) -> bytes:
         return f.read(BLOCK)
 
 
-async def the_late_write_is_fenced(tmp_path: Path, servers: list[Address]) -> None:
-    """The scenario of the module docstring, against ``servers``."""
+async def the_late_write_is_fenced(
+    tmp_path: Path,
+    servers: list[Address],
+    *,
+    a_servers: list[Address] | None = None,
+    hold: Callable[[DstProcess], None] = lambda a: a.kill(signal.SIGSTOP),
+    release: Callable[[DstProcess], None] = lambda a: a.kill(signal.SIGCONT),
+) -> None:
+    """The scenario of the module docstring, against ``servers``: ``hold`` keeps A's write
+    from the server (A frozen, or a proxy holding its frames) until ``release``."""
     with (
-        bridge(tmp_path, "bridge-a", servers) as a,
+        bridge(tmp_path, "bridge-a", a_servers or servers) as a,
         bridge(tmp_path, "bridge-b", servers, "--takeover") as b,
     ):
         a.start()
@@ -102,8 +110,8 @@ async def the_late_write_is_fenced(tmp_path: Path, servers: list[Address]) -> No
         try:
             with trio.fail_after(20):
                 assert await read_line(late.stdout, buf) == b"connected"
-            a.kill(signal.SIGSTOP)
-            await late.stdin.send_all(b"go\n")  # the write waits in frozen A's socket
+            hold(a)
+            await late.stdin.send_all(b"go\n")  # A's write is held on its way to the server
 
             plain = bridge(tmp_path, "bridge-c", servers, "--claim-wait", "0")
             with plain as c, pytest.raises(RuntimeError, match="held by bridge-a"):
@@ -111,7 +119,7 @@ async def the_late_write_is_fenced(tmp_path: Path, servers: list[Address]) -> No
             b.start()  # --takeover: the epoch moves on
             await run(["nbdsh", "-u", uri(b), "-c", WRITE_B], debian=True)
 
-            a.kill(signal.SIGCONT)
+            release(a)
             with trio.fail_after(30):
                 answer = await read_line(late.stdout, buf)
             assert answer.startswith(b"error"), answer
