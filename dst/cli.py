@@ -21,6 +21,7 @@ from dst.config import apply_config
 from dst.errors import ConfigError, DstError
 from dst.logs import setup_logging
 from dst.net.endpoints import Address, is_loopback, parse_address
+from dst.replication.resync import DEFAULT_RESYNC_RATE
 from dst.security.tls import TlsConfig
 from dst.server import Server, ServerConfig
 from dst.server.server import DEFAULT_MAX_BYTES, DEFAULT_MAX_INFLIGHT
@@ -31,11 +32,26 @@ log = logging.getLogger("dst")
 UP_LISTEN = "127.0.0.1:10809"  # the NBD port
 
 
+def _size(text: str) -> int:
+    """A size flag's value; argparse names the flag in the one-line error."""
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _page_size(text: str) -> int:
-    size = parse_size(text)
+    size = _size(text)
     if size < 512 or size & (size - 1) or size > 1 << 20:
         raise argparse.ArgumentTypeError(f"page size {text}: a power of two from 512 to 1M")
     return size
+
+
+def _resync_rate(text: str) -> int:
+    rate = _size(text)
+    if rate < 4096:
+        raise argparse.ArgumentTypeError(f"--resync-rate {text!r}: at least 4K (bytes per second)")
+    return rate
 
 
 def _failfast_timeout(text: str) -> float:
@@ -83,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=_page_size, default=4096, metavar="BYTES")
     p.add_argument(
         "--max-bytes",
-        type=parse_size,
+        type=_size,
         default=DEFAULT_MAX_BYTES,
         metavar="BYTES",
         help="largest request taken in one frame",
@@ -102,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="C",
         help="when a replicated write is acknowledged: C (default) stable on both; B done here "
         "and received by the peer; A done here and sent. FLUSH/FUA: stable on both, always",
+    )
+    p.add_argument(
+        "--resync-rate",
+        type=_resync_rate,
+        default=DEFAULT_RESYNC_RATE,
+        metavar="BYTES",
+        help="cap on resync traffic per second, e.g. 100M (default 64M), as DRBD's resync-rate",
     )
     p.add_argument(
         "--metrics",
@@ -178,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="mirror: the legs' dirty bitmaps and NAME.mirror.json status (default dst-bridge)",
     )
+    p.add_argument(
+        "--resync-rate",
+        type=_resync_rate,
+        default=DEFAULT_RESYNC_RATE,
+        metavar="BYTES",
+        help="mirror: cap on a returning leg's resync traffic per second (default 64M)",
+    )
     _add_security(p)
 
     p = sub.add_parser(
@@ -195,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--size",
-        type=parse_size,
+        type=_size,
         default=1 << 30,
         metavar="SIZE",
         help="size of vol0 when it is created (default 1G)",
@@ -262,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="the primary")
     p.add_argument("--volume", required=True, metavar="NAME")
-    p.add_argument("--extent", type=parse_size, default=65536, metavar="BYTES")
+    p.add_argument("--extent", type=_size, default=65536, metavar="BYTES")
     p.add_argument(
         "--tls",
         metavar="DIR",
@@ -314,6 +344,7 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         peer=parse_address(args.peer) if args.peer else None,
         role=args.role or "standalone",
         protocol=args.protocol,
+        resync_rate=args.resync_rate,
     )
 
 
@@ -357,6 +388,7 @@ def cmd_nbd(args: argparse.Namespace) -> int:
         mirror=args.mirror,
         failfast_timeout_s=args.failfast_timeout or None,
         state_dir=args.state_dir,
+        resync_rate=args.resync_rate,
     )
 
     stop = trio.Event()

@@ -25,6 +25,7 @@ from dst.metrics import BridgeCollector, ServerCollector, serve_metrics
 from dst.mirror import open_mirror
 from dst.nbd.bridge import NbdExport, serve_nbd
 from dst.net.endpoints import Address
+from dst.replication.resync import DEFAULT_RESYNC_RATE
 from dst.security.tls import TlsConfig
 from dst.server import Server, ServerConfig
 
@@ -52,6 +53,7 @@ class BridgeConfig:
     mirror: bool = False
     failfast_timeout_s: float | None = 1.0  # None: no deadline (keepalive death only)
     state_dir: Path = Path("dst-bridge")  # the mirror legs' bitmaps and status file
+    resync_rate: int = DEFAULT_RESYNC_RATE  # bytes/s, a returning leg's resync
 
 
 async def run_bridge(
@@ -78,6 +80,7 @@ async def run_bridge(
             node_id=config.node_id,
             page_size=config.page_size,
             claim=config.claim,
+            resync_rate=config.resync_rate,
         )
     else:
         stack = open_remote(

@@ -50,14 +50,12 @@ from dst.mirror.legs import LegState, LegTable, Verdict
 from dst.replication.active import ActiveWrites
 from dst.replication.activity_log import ActivityLog
 from dst.replication.bitmap import DirtyBitmap
-from dst.replication.resync import ResyncProgress, copy_dirty_extents
+from dst.replication.resync import DEFAULT_RESYNC_RATE, ResyncProgress, copy_dirty_extents
 
-__all__ = ["DEFAULT_RESYNC_RATE", "Leg", "Mirror"]
+__all__ = ["Leg", "Mirror"]
 
 log = logging.getLogger("dst.mirror")
 
-#: Resync rate cap, bytes/s (as replication's): most of the link stays with the workload.
-DEFAULT_RESYNC_RATE = 64 << 20
 #: After a failed probe or an interrupted resync, wait this long before trying again.
 RETRY_AFTER_S = 1.0
 #: Extents remembered per leg as "completed, not yet flushed" before a failed FLUSH of that leg

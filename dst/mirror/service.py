@@ -24,10 +24,11 @@ import trio
 
 from dst.client import open_remote
 from dst.errors import ConfigError
-from dst.mirror.layer import DEFAULT_RESYNC_RATE, Leg, Mirror
+from dst.mirror.layer import Leg, Mirror
 from dst.net.endpoints import Address
 from dst.replication.activity_log import ActivityLog
 from dst.replication.bitmap import DirtyBitmap
+from dst.replication.resync import DEFAULT_RESYNC_RATE
 from dst.security.tls import TlsConfig
 
 __all__ = ["bitmap_path", "open_mirror", "status_document", "status_path"]

@@ -50,7 +50,7 @@ from dst.client.remote import RemoteVolume
 from dst.errors import BlockError, ConfigError
 from dst.replication.active import ActiveWrites
 from dst.replication.activity_log import ActivityLog
-from dst.replication.resync import ResyncProgress, copy_dirty_extents
+from dst.replication.resync import DEFAULT_RESYNC_RATE, ResyncProgress, copy_dirty_extents
 from dst.replication.sync import ReplicaState, connect_handshake
 from dst.wire import SyncRequest
 
@@ -62,8 +62,6 @@ log = logging.getLogger("dst.replication")
 PROTOCOLS = ("A", "B", "C")
 #: DRBD's segmentation boundary: no request to the peer crosses a multiple of it.
 REPLICATION_BOUNDARY = 32 * 1024
-#: Default resync rate cap, bytes/s: leaves most of a gigabit link and disk to the workload.
-DEFAULT_RESYNC_RATE = 64 << 20
 #: Extents tracked as "completed by the peer, not yet flushed" before tracking gives up and a
 #: failed peer FLUSH marks the whole volume (65536 x 64 KiB = 4 GiB written without a FLUSH).
 UNFLUSHED_CAP = 65536

@@ -24,6 +24,9 @@ __all__ = ["RESYNC_FLUSH_EVERY", "RESYNC_PARALLEL", "ResyncProgress", "copy_dirt
 
 #: Extent copies in flight during a resync.
 RESYNC_PARALLEL = 8
+#: Default rate cap, bytes/s (``--resync-rate``): leaves most of a gigabit link and disk to
+#: the workload.  Replication and the mirror share it.
+DEFAULT_RESYNC_RATE = 64 << 20
 #: Flush cleared bits to disk after this many resynced bytes (a lost clear costs a re-copy).
 RESYNC_FLUSH_EVERY = 64 << 20
 

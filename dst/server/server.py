@@ -25,6 +25,7 @@ from dst.iostats import IoStats
 from dst.net.endpoints import Address, serve
 from dst.net.framed import FramedStream
 from dst.replication.peer import open_peer
+from dst.replication.resync import DEFAULT_RESYNC_RATE
 from dst.replication.sync import answer
 from dst.security.tls import TlsConfig
 from dst.server.pool import PagePool
@@ -59,6 +60,8 @@ class ServerConfig:
     role: str = "standalone"  # "primary" | "secondary" | "standalone"
     #: When a replicated write is acknowledged (dst/replication/layer.py PROTOCOLS).
     protocol: str = "C"
+    #: Bytes per second a resync may copy (``--resync-rate``).
+    resync_rate: int = DEFAULT_RESYNC_RATE
 
 
 class Server:
@@ -95,7 +98,9 @@ class Server:
                 self.config.data_dir, name, size, limits=self.limits, replica=replica
             )
             if self.role == "primary":
-                volume.become_primary(self._peer_link(name), self.config.protocol)
+                volume.become_primary(
+                    self._peer_link(name), self.config.protocol, self.config.resync_rate
+                )
             self.volumes[name] = volume
             log.info(
                 "volume=%s size=%d epoch=%d path=%s event=opened",
@@ -138,7 +143,9 @@ class Server:
                     "(promote with force to accept that)",
                 )
             await state.update(state.generations.declare_survivor())
-        replicated = volume.become_primary(self._peer_link(name), self.config.protocol)
+        replicated = volume.become_primary(
+            self._peer_link(name), self.config.protocol, self.config.resync_rate
+        )
         await self._nursery.start(replicated.peer.run, None)
         self._nursery.start_soon(replicated.run_resync)
         self.role = "primary"

@@ -38,6 +38,7 @@ from dst.replication.activity_log import ActivityLog
 from dst.replication.bitmap import DirtyBitmap
 from dst.replication.generations import Generations
 from dst.replication.layer import Replicated
+from dst.replication.resync import DEFAULT_RESYNC_RATE
 from dst.replication.sync import ReplicaState
 
 log = logging.getLogger("dst.server")
@@ -180,11 +181,18 @@ class Volume:
         self.state = ReplicaState(generations, self._persist_generations, bitmap)
         self.state.epoch_hooks(lambda: self.fence.epoch, self.fence.advance)
 
-    def become_primary(self, peer: RemoteVolume, protocol: str = "C") -> Replicated:
+    def become_primary(
+        self, peer: RemoteVolume, protocol: str = "C", resync_rate: int = DEFAULT_RESYNC_RATE
+    ) -> Replicated:
         """Stack Replicated(FileStore, peer) on this replica: it takes writes from now on."""
         assert self.state is not None and self.al is not None, "not opened as a replica"
         self.replicated = Replicated(
-            self.store, peer, self.state, activity_log=self.al, protocol=protocol
+            self.store,
+            peer,
+            self.state,
+            activity_log=self.al,
+            protocol=protocol,
+            resync_rate=resync_rate,
         )
         self.fence.below = self.replicated
         return self.replicated
