@@ -295,6 +295,12 @@ class Replicated:
             raise
         if peer_error is None or not (unflushed or overflow):
             return
+        await self._mark_unflushed(unflushed, overflow, "peer_flush_failed", str(peer_error))
+
+    async def _mark_unflushed(
+        self, unflushed: set[int], overflow: bool, event: str, reason: str
+    ) -> None:
+        """Mark, durably, extents the peer completed but may not hold stably."""
         step = self.bitmap.extent_size
         await self.state.before_degraded_ack()
         if overflow:
@@ -303,9 +309,10 @@ class Replicated:
             self.bitmap.mark(extent * step, min(step, self.size - extent * step))
         await trio.to_thread.run_sync(self.bitmap.flush)
         log.warning(
-            "event=peer_flush_failed marked_extents=%d reason=%r",
+            "event=%s marked_extents=%d reason=%r",
+            event,
             len(unflushed) if not overflow else -1,
-            str(peer_error),
+            reason,
         )
 
     def _note_unflushed(self, bio: Bio) -> None:
@@ -335,6 +342,15 @@ class Replicated:
     # -- resync --------------------------------------------------------------------------
 
     async def _handshake(self, link: Link) -> None:
+        # A new link may lead to a peer that restarted — after a crash or a power cut that
+        # took whatever it had completed but not flushed (DRBD clears its transfer log into
+        # the bitmap on a lost connection for the same reason).  Those extents are resynced;
+        # without this, protocol C's acknowledged-but-unflushed writes were missing on the
+        # peer for good when it came back before the next FLUSH.
+        if self._unflushed or self._unflushed_overflow:
+            unflushed, overflow = self._unflushed, self._unflushed_overflow
+            self._unflushed, self._unflushed_overflow = set(), False
+            await self._mark_unflushed(unflushed, overflow, "peer_relinked", "unflushed on peer")
         await connect_handshake(self.state, partial(self._sync, link))
 
     async def _sync(self, link: Link, action: str, state: Mapping[str, Any]) -> Mapping[str, Any]:

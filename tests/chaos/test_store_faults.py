@@ -34,8 +34,11 @@ from dst.net.endpoints import Address
 from tests.integration.harness import (
     ServerProcess,
     free_port,
+    pair_processes,
     running_server,
+    same_files,
     server_process,
+    wait_in_sync,
 )
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -212,6 +215,40 @@ async def test_power_loss_with_torn_writes(tmp_path: Path) -> None:
     assert report.writes_rolled_back == len(unsynced)
     assert report.torn_writes == torn > 0  # seed 11 tears some, not all
     assert torn < len(unsynced)
+
+
+async def test_power_loss_on_the_secondary_then_resync(tmp_path: Path) -> None:
+    """Protocol C acknowledged the unflushed writes as done on both; the secondary's power
+    cut takes them from it.  The primary must resync them when the secondary is back —
+    even though no FLUSH failed in between (the secondary returns before the next one)."""
+    rng = random.Random(6)
+    flushed = {i * 128 * KiB: rng.randbytes(32 * KiB) for i in range(8)}
+    unflushed = {4 * MiB + i * 128 * KiB: rng.randbytes(32 * KiB) for i in range(8)}
+    with pair_processes(tmp_path) as (primary, secondary):
+        journal = start_with_journal(secondary, tmp_path, "secondary")
+        primary.start()
+        await wait_in_sync(primary.address)
+        async with open_remote(primary.address, "vol0") as vol:
+            for offset, data in flushed.items():
+                await write(vol, offset, data)
+            await vol.submit(Bio(Op.FLUSH, 0, 0))  # stable on both (protocol C)
+            for offset, data in unflushed.items():
+                await write(vol, offset, data)  # acknowledged: done on both, stable on neither
+        secondary.kill()
+        sec_img = secondary.data_dir / "vol0.img"
+        report = power_loss(sec_img, journal)
+        print(report)
+        assert report.writes_rolled_back == len(unflushed)
+        assert all(file_bytes(sec_img, o, len(d)) == bytes(len(d)) for o, d in unflushed.items())
+        secondary.env.clear()
+        secondary.start()
+        await wait_in_sync(primary.address)
+        with trio.fail_after(20):  # the resync is on its way: wait until the files agree
+            while not same_files(primary.data_dir / "vol0.img", sec_img):
+                await trio.sleep(0.2)
+        for img in (primary.data_dir / "vol0.img", sec_img):
+            for offset, data in (flushed | unflushed).items():
+                assert file_bytes(img, offset, len(data)) == data
 
 
 async def test_real_enospc_from_a_small_tmpfs(tmp_path: Path) -> None:
