@@ -321,3 +321,20 @@ async def test_journal_follows_real_syncs_only(
     assert file_bytes(img, MiB, len(data)) == bytes(len(data))
     assert file_bytes(img, 0, len(data)) == (bytes(len(data)) if broken else data)
     assert report.writes_rolled_back == (2 if broken else 1)
+
+
+async def test_broken_build_eio_as_zeros_answers_zeros(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The teeth of the real build's EIO test: with the bug planted, the same bad sector
+    reads back as zeros and success — exactly what test_eio_read_is_an_error_never_zeros
+    refuses."""
+    monkeypatch.setattr(chaos, "BROKEN", True)
+    monkeypatch.setattr(chaos, "_BROKEN", frozenset({"eio-as-zeros"}))
+    data = random.Random(9).randbytes(4 * KiB)
+    async with faulty_server(tmp_path, monkeypatch) as (spec_path, address):
+        async with open_remote(address, "vol0") as vol:
+            await write(vol, 0, data, BioFlags.FUA)
+            write_spec(spec_path, eio_read=[[0, 512]])
+            await trio.sleep(SWITCH_S)
+            assert await read(vol, 0, len(data)) == bytes(len(data))

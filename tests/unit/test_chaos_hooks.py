@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -11,7 +12,10 @@ import timeit
 import pytest
 
 from dst import chaos
-from dst.errors import ConfigError
+from dst.block import Bio, MemoryStore, Op
+from dst.errors import ConfigError, FencedError
+from dst.fence import Fence
+from dst.fence.replay import ReplayWindow
 
 
 def run_child(code: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -110,3 +114,29 @@ def test_broken_build_is_on_only_when_listed_and_says_so() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True True False"
     assert "BROKEN BUILD: skip-fsync" in out.stderr
+
+
+def break_build(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Turn one broken build on in this process, as DST_BROKEN would at import."""
+    monkeypatch.setattr(chaos, "BROKEN", True)
+    monkeypatch.setattr(chaos, "_BROKEN", frozenset({name}))
+
+
+async def test_broken_fence_and_replay_window_let_the_bad_write_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def persist(epoch: int) -> None:
+        pass
+
+    store = MemoryStore(1 << 20)
+    fence = Fence(store, 1, persist)
+    await fence.advance(2)
+    stale = dataclasses.replace(Bio.from_buffer(Op.WRITE, 0, b"x" * 512), epoch=1)
+    with pytest.raises(FencedError):
+        await fence.submit(stale)
+    window = ReplayWindow()
+    assert window.admit(5, 0) and not window.admit(5, 0)
+    break_build(monkeypatch, "no-epoch-check")
+    await fence.submit(stale)  # the bug: an older epoch lands
+    break_build(monkeypatch, "no-replay-check")
+    assert window.admit(5, 0)  # the bug: a replay is admitted
