@@ -45,6 +45,7 @@ from collections.abc import Callable
 
 import trio
 
+from dst import chaos
 from dst.block.bio import Bio, BioFlags, Op, validate_bio
 from dst.block.layer import StoreCounters, StoreStatistics, closed_error
 from dst.block.limits import Limits
@@ -366,6 +367,10 @@ class FileStore:
                     )
             else:
                 await self._run(bio, lambda: _pwritev_all(fd, views, bio.offset))
+            if chaos.ARMED and bio.epoch == 0:
+                # Epoch 0 on a WRITE reaching the store: a replication peer's write (or a
+                # resync copy) on a secondary — a client's always carries its epoch.
+                chaos.crash_point("secondary.after-write-before-fsync")
         else:
             keep = op is Op.WRITE_ZEROES and bool(bio.flags & BioFlags.NO_HOLE)
             await self._run(
@@ -392,6 +397,9 @@ class FileStore:
 
     async def _sync(self, bio: Bio) -> None:
         """fdatasync covering every write completed before this call, with group commit."""
+        if chaos.BROKEN and chaos.broken("skip-fsync"):
+            await trio.lowlevel.checkpoint()  # broken build: "stable" without an fdatasync
+            return
         while True:
             if self._sync_failure is not None:
                 raise self._error(bio, self._sync_failure, errno.EIO, "an earlier fdatasync failed")

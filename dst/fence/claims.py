@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 
+from dst import chaos
 from dst.errors import BlockError, FencedError
 from dst.fence.layer import Fence
 from dst.wire import CLAIMS
@@ -59,6 +60,9 @@ class Ownership:
         else:
             wanted = current + 1  # a new claim moves on
         granted = await self.fence.advance(wanted)
+        if chaos.ARMED and granted > current:
+            # Fenced, drained and persisted (here and on the peer); the claimant not told.
+            chaos.crash_point("takeover.mid")
         if self.node != node:
             if self.node is not None:
                 log.warning(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from dst import chaos
+
 __all__ = ["ReplayWindow"]
 
 
@@ -27,7 +29,8 @@ class ReplayWindow:
         """True the first time (tid, sub) comes; False for a replay."""
         key = (tid, sub)
         if key <= self._floor or key in self._seen:
-            return False
+            # Broken build: the replay goes through and is applied again.
+            return chaos.BROKEN and chaos.broken("no-replay-check")
         self._seen.add(key)
         self._order.append(key)
         if len(self._order) > self._capacity:

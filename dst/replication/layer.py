@@ -42,6 +42,7 @@ from typing import Any
 
 import trio
 
+from dst import chaos
 from dst.block import Bio, BioFlags, Limits, Op, split
 from dst.block.layer import BlockLayer
 from dst.block.rangelock import RangeLocks
@@ -143,6 +144,8 @@ class Replicated:
         if piece.flags & BioFlags.PREFLUSH:
             await self._drain_behind()
         early = self.protocol != "C" and not piece.flags & BioFlags.FUA
+        if chaos.BROKEN and chaos.broken("ack-before-sync"):
+            early = True
         if not early or self._behind is None:
             await self._write_through(piece)
             return
@@ -199,13 +202,23 @@ class Replicated:
         peer_error: BlockError | None = None
         local_error: BlockError | None = None
         local_ok, peer_early = False, trio.Event()
+        # Broken build: acknowledge once local, whatever the peer (protocol C acts like A
+        # without even the send) — the checker must catch the lost write after a failover.
+        ack_local = chaos.BROKEN and ready is not None and chaos.broken("ack-before-sync")
+        # Chaos only: with the crash point armed the peer's side waits for the local write,
+        # so the kill lands after the local write and before anything was sent.
+        local_first: trio.Event | None = None
+        if chaos.ARMED and bio.op is not Op.FLUSH and chaos.armed("primary.after-local-write"):
+            local_first = trio.Event()
 
         def check_ready() -> None:
-            if ready is not None and local_ok and peer_early.is_set():
+            if ready is not None and local_ok and (ack_local or peer_early.is_set()):
                 ready.set()
 
         async def on_peer() -> None:
             nonlocal peer_error
+            if local_first is not None:
+                await local_first.wait()
             try:
                 stage = "sent" if self.protocol == "A" else "received"
                 # A client's FAILFAST is about its own link; the replica link keeps its own
@@ -223,9 +236,14 @@ class Replicated:
             try:
                 await self.local.submit(bio)
                 local_ok = True
+                if local_first is not None:
+                    chaos.crash_point("primary.after-local-write")
                 check_ready()
             except BlockError as exc:
                 local_error = exc
+            finally:
+                if local_first is not None:
+                    local_first.set()
 
         async def on_early() -> None:
             await peer_early.wait()
@@ -256,6 +274,8 @@ class Replicated:
                 await self._degrade(bio, peer_error)
         else:
             self._note_unflushed(bio)
+            if chaos.ARMED:  # protocol C: the client's answer is still to come
+                chaos.crash_point("primary.after-peer-ack")
         return peer_error
 
     async def _flush(self, bio: Bio) -> None:
@@ -273,6 +293,12 @@ class Replicated:
             raise
         if peer_error is None or not (unflushed or overflow):
             return
+        await self._mark_unflushed(unflushed, overflow, "peer_flush_failed", str(peer_error))
+
+    async def _mark_unflushed(
+        self, unflushed: set[int], overflow: bool, event: str, reason: str
+    ) -> None:
+        """Mark, durably, extents the peer completed but may not hold stably."""
         step = self.bitmap.extent_size
         await self.state.before_degraded_ack()
         if overflow:
@@ -281,9 +307,10 @@ class Replicated:
             self.bitmap.mark(extent * step, min(step, self.size - extent * step))
         await trio.to_thread.run_sync(self.bitmap.flush)
         log.warning(
-            "event=peer_flush_failed marked_extents=%d reason=%r",
+            "event=%s marked_extents=%d reason=%r",
+            event,
             len(unflushed) if not overflow else -1,
-            str(peer_error),
+            reason,
         )
 
     def _note_unflushed(self, bio: Bio) -> None:
@@ -313,6 +340,15 @@ class Replicated:
     # -- resync --------------------------------------------------------------------------
 
     async def _handshake(self, link: Link) -> None:
+        # A new link may lead to a peer that restarted — after a crash or a power cut that
+        # took whatever it had completed but not flushed (DRBD clears its transfer log into
+        # the bitmap on a lost connection for the same reason).  Those extents are resynced;
+        # without this, protocol C's acknowledged-but-unflushed writes were missing on the
+        # peer for good when it came back before the next FLUSH.
+        if self._unflushed or self._unflushed_overflow:
+            unflushed, overflow = self._unflushed, self._unflushed_overflow
+            self._unflushed, self._unflushed_overflow = set(), False
+            await self._mark_unflushed(unflushed, overflow, "peer_relinked", "unflushed on peer")
         await connect_handshake(self.state, partial(self._sync, link))
 
     async def _sync(self, link: Link, action: str, state: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -392,9 +428,14 @@ class Replicated:
         write racing the copy lands on both sides after it, and a write that degrades marks
         the extent after the clear, never before it."""
         async with self._locks.locked(offset, offset + len(view)):
-            await self.local.submit(Bio.from_buffer(Op.READ, offset, view))
-            for piece in split(Bio.from_buffer(Op.WRITE, offset, view), self._limits):
-                await self.peer.submit(piece)
+            if chaos.BROKEN and chaos.broken("resync-wrong-side"):
+                # Broken build: the stale peer's bytes overwrite the up-to-date local ones.
+                await self.peer.submit(Bio.from_buffer(Op.READ, offset, view))
+                await self.local.submit(Bio.from_buffer(Op.WRITE, offset, view))
+            else:
+                await self.local.submit(Bio.from_buffer(Op.READ, offset, view))
+                for piece in split(Bio.from_buffer(Op.WRITE, offset, view), self._limits):
+                    await self.peer.submit(piece)
             self.bitmap.clear(offset, len(view))
             self._resynced += len(view)
 

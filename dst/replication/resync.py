@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import trio
 
+from dst import chaos
 from dst.replication.bitmap import DirtyBitmap
 
 __all__ = ["RESYNC_FLUSH_EVERY", "RESYNC_PARALLEL", "ResyncProgress", "copy_dirty_extents"]
@@ -78,6 +79,8 @@ async def copy_dirty_extents(
             n = min(step, size - pos)
             await copy(pos, buf[:n])
             progress.done_bytes += n
+            if chaos.ARMED:
+                chaos.crash_point("resync.mid")
             since_flush += n
             elapsed = trio.current_time() - started
             progress.rate_bytes_s = progress.done_bytes / elapsed if elapsed else 0.0

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from dst import chaos
 from dst.block import Bio, BioFlags, Op, Segment, validate_bio
 from dst.errors import BlockError, FencedError, ProtocolError
 from dst.fence.replay import ReplayWindow
@@ -306,7 +307,11 @@ class Session:
                         raise FencedError(f"epoch 0 is older than volume epoch {volume.epoch}")
                 bio = _bio_for(msg, pages, epoch)
                 validate_bio(bio, volume.limits, volume.size)
-                await volume.layer.submit(bio)
+                try:
+                    await volume.layer.submit(bio)
+                except BlockError as exc:
+                    if not _eio_as_zeros(exc, bio):
+                        raise
             except BlockError as exc:
                 if isinstance(exc, FencedError):
                     stats["stale_writes"] += 1
@@ -339,6 +344,18 @@ class Session:
             name = volume.name if volume is not None else "-"
             length = 0 if isinstance(msg, FlushRequest) else msg.length
             self.server.io.end(name, OPS[type(msg)].name.lower(), length, started, ok=ok)
+
+
+def _eio_as_zeros(exc: BlockError, bio: Bio) -> bool:
+    """Broken build ``eio-as-zeros``: a READ that failed with EIO is filled with zeros and
+    answered as a success (True).  The real build never does this (False)."""
+    if not (chaos.BROKEN and chaos.broken("eio-as-zeros")):
+        return False
+    if bio.op is not Op.READ or exc.errno != errno.EIO:
+        return False
+    for view in bio.views():
+        view[:] = bytes(len(view))
+    return True
 
 
 def _bio_for(msg: DataRequest, pages: Pages | None, epoch: int = 0) -> Bio:

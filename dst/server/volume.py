@@ -31,6 +31,7 @@ from typing import Any
 import trio
 
 from dst.block import BlockLayer, FileStore, Limits
+from dst.block.faults import store_from_env
 from dst.client.remote import RemoteVolume
 from dst.errors import ConfigError
 from dst.fence import Fence, Ownership
@@ -147,7 +148,8 @@ class Volume:
             meta = VolumeMeta(name=name, size=size, uuid=str(uuid.uuid4()), epoch=1)
         image = data_dir / f"{name}.img"
         had_data = image.exists()
-        store = FileStore.open(image, size, create=True, limits=limits)
+        # Chaos tests only: DST_STORE_FAULTS wraps the store in the storage shim.
+        store = store_from_env(FileStore.open(image, size, create=True, limits=limits), image)
         if not meta_path.exists():
             write_meta_atomically(meta_path, meta)
         volume = cls(data_dir, meta, store)

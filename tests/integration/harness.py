@@ -76,11 +76,19 @@ class DstProcess:
         self.address = address
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Added to the child's environment at each start (DST_CRASH_AT, DST_STORE_FAULTS...).
+        self.env: dict[str, str] = {}
+        #: A command the child runs under, e.g. ``unshare -m sh -c 'mount ... && exec "$@"'``
+        #: (it must exec the dst command, so the pid stays the server's).
+        self.prefix: list[str] = []
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dst", *self.argv], stdout=log, stderr=log
+                [*self.prefix, sys.executable, "-m", "dst", *self.argv],
+                stdout=log,
+                stderr=log,
+                env={**os.environ, **self.env},
             )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
