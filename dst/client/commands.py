@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from dst.block import Bio, BioFlags, Op
+from dst.block import Bio, BioFlags, Limits, Op
 from dst.errors import BlockError
 from dst.net.convert import page_runs
 from dst.net.endpoints import Address
@@ -52,6 +52,10 @@ class RemoteConfig:
     # ENOTCONN (the replication layer records them in its dirty bitmap) instead of waiting
     # for a reconnect; reconnecting goes on in the background.
     resend: bool = True
+    # Limits of the caller's own, stacked on the client's and the server's: the replication
+    # link's 32 KiB boundary (dst/replication/peer.py), so a bio becomes one transaction of
+    # commands that none crosses it.
+    limits: Limits | None = None
     # Other servers that hold the volume (a replicated pair): the client attaches wherever
     # the volume is primary — a secondary refuses the attach with EROFS — and after a
     # failover follows it to the other server.

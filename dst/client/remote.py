@@ -74,6 +74,8 @@ class RemoteVolume:
             max_bytes=(MAX_PAGE_RUNS // 2) * config.page_size,
             max_segments=MAX_PAGE_RUNS // 4,
         ).validate()
+        if config.limits is not None:
+            self.own_limits = self.own_limits.stack(config.limits)
         self._limits = self.own_limits
         self._size = 0
         self._ids = itertools.count(1)

@@ -8,10 +8,12 @@
 Protocol C (DRBD's): a write is acknowledged when both the local store and the peer have
 completed it; FLUSH and FUA complete when they are stable on both.  Reads are served locally.
 
-**32 KiB segmentation.**  The layer's own limits carry ``boundary = 32 KiB`` and fold into what
-the server announces, so clients split before sending; and every bio that reaches this layer
-is split again with the generic splitter (a no-op for a well-behaved client) so nothing sent
-to the peer ever crosses a 32 KiB multiple, whatever its shape (seed 000).
+**32 KiB segmentation.**  The peer link's own limits carry ``boundary = 32 KiB``
+(``dst/replication/peer.py``), so the generic splitter cuts every bio sent to the peer into
+commands none of which crosses a 32 KiB multiple, whatever its shape (seed 000) — one
+transaction, pipelined.  This layer takes any bio the local store takes, and that is what it
+advertises upward: the boundary stays at the peer link, where DRBD has it, instead of cutting
+a client's 1 MiB write into 32 requests on every hop above it.
 
 **Write ordering.**  Overlapping writes must land in the same order on both replicas.  A write
 waits until no in-flight write overlaps its range before it is issued to both sides (DRBD's
@@ -61,8 +63,6 @@ log = logging.getLogger("dst.replication")
 #: B: done locally and received by the peer.  A: done locally and sent to the peer.
 #: FLUSH, FUA and PREFLUSH mean stable on both under every protocol.
 PROTOCOLS = ("A", "B", "C")
-#: DRBD's segmentation boundary: no request to the peer crosses a multiple of it.
-REPLICATION_BOUNDARY = 32 * 1024
 #: Extents tracked as "completed by the peer, not yet flushed" before tracking gives up and a
 #: failed peer FLUSH marks the whole volume (65536 x 64 KiB = 4 GiB written without a FLUSH).
 UNFLUSHED_CAP = 65536
@@ -107,7 +107,6 @@ class Replicated:
         self._unflushed: set[int] = set()
         self._unflushed_overflow = False
         self.resync_rate = resync_rate
-        self._limits = Limits(boundary=REPLICATION_BOUNDARY).stack(local.limits)
         self._locks = RangeLocks()
         self._progress = ResyncProgress()
         self._resynced = 0
@@ -120,7 +119,11 @@ class Replicated:
 
     @property
     def limits(self) -> Limits:
-        return self._limits
+        # What this layer takes: what the local store takes.  The 32 KiB boundary is this
+        # layer's own business — it splits every bio it sends to the peer — so it is not
+        # pushed onto the layers above (which would cut a 1 MiB write into 32 requests on
+        # every hop before it got here).
+        return self.local.limits
 
     @property
     def size(self) -> int:
@@ -135,7 +138,7 @@ class Replicated:
         if bio.op is Op.FLUSH:
             await self._flush(bio)
             return
-        pieces = split(bio, self._limits)
+        pieces = split(bio, self.local.limits)  # the peer link splits at 32 KiB itself
         async with trio.open_nursery() as nursery:
             for piece in pieces:
                 nursery.start_soon(self._write, piece)
@@ -434,8 +437,7 @@ class Replicated:
                 await self.local.submit(Bio.from_buffer(Op.WRITE, offset, view))
             else:
                 await self.local.submit(Bio.from_buffer(Op.READ, offset, view))
-                for piece in split(Bio.from_buffer(Op.WRITE, offset, view), self._limits):
-                    await self.peer.submit(piece)
+                await self.peer.submit(Bio.from_buffer(Op.WRITE, offset, view))
             self.bitmap.clear(offset, len(view))
             self._resynced += len(view)
 

@@ -9,10 +9,15 @@ and a short keepalive, and it keeps reconnecting in the background forever.
 
 from __future__ import annotations
 
+from dst.block import Limits
 from dst.client.remote import RemoteConfig, RemoteVolume
 from dst.net.endpoints import Address
 from dst.security.tls import TlsConfig
 
+#: DRBD's segmentation boundary: no request to the peer crosses a multiple of it (seed 000).
+#: The link's own limits carry it, so the generic splitter cuts every bio sent to the peer —
+#: one transaction of commands, pipelined — whatever its shape.
+REPLICATION_BOUNDARY = 32 * 1024
 #: A silent peer is declared gone after this long; writes meanwhile wait, so keep it short.
 PEER_DEAD_AFTER_S = 3.0
 PEER_KEEPALIVE_S = 0.5
@@ -38,5 +43,6 @@ def open_peer(address: Address, volume: str, tls: TlsConfig | None, node_id: str
         dead_after_s=PEER_DEAD_AFTER_S,
         resend=False,
         request_timeout_s=PEER_REQUEST_TIMEOUT_S,
+        limits=Limits(boundary=REPLICATION_BOUNDARY),
     )
     return RemoteVolume(config)
