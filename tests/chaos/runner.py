@@ -199,7 +199,7 @@ class Run:
         faults = self.s.faults[:1] if cp else self.s.faults
         for f in faults:
             if not cp:
-                await trio.sleep_until(self.t0 + f.at)
+                await trio.sleep(max(0.0, self.t0 + f.at - time.monotonic()))
             await self.fault(f, crash=cp is not None)
         with trio.fail_after(self.s.window_s + 90):
             for proc, _ in list(self.workloads.values()):
