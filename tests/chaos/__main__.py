@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crash-point")
     p.add_argument("--seed", type=int)
     p.add_argument("--window", type=float, default=8.0)
+    p.add_argument("--broken", help="DST_BROKEN for the servers (the checker must object)")
     p.add_argument("--soak", type=float, metavar="MINUTES")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.schedule is None:
             p.error("--schedule or --soak")
         s = Schedule(args.schedule, args.seed or 0, args.window, crash_point=args.crash_point)
+        s.broken = args.broken
         return 0 if run_one(s, args.keep).result.ok else 1
     rng = random.Random(args.seed)
     end = time.monotonic() + args.soak * 60

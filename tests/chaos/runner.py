@@ -70,6 +70,8 @@ class Run:
         self.histories: list[Path] = []
         self.next_writer = 1
         self.t0 = 0.0
+        self.primary: ServerProcess
+        self.secondary: ServerProcess
 
     # -- workloads -----------------------------------------------------------------------
 
@@ -91,13 +93,19 @@ class Run:
         return sum(1 for op in load(live) if op.op == "write" and op.ok is None)
 
     def first_ack_after(self, t: float) -> float | None:
-        acks = [op.completed for op in load(self.histories) if op.op == "write" and op.ok]
+        acks = [
+            op.completed
+            for op in load(h for h in self.histories if h.exists())
+            if op.op == "write" and op.ok
+        ]
         later = [a for a in acks if a is not None and a > t]
         return min(later) - t if later else None
 
     # -- servers ---------------------------------------------------------------------------
 
     async def start(self, sp: ServerProcess) -> None:
+        if self.s.broken:
+            sp.env["DST_BROKEN"] = self.s.broken
         await trio.to_thread.run_sync(sp.start)
 
     async def wait_death(self, sp: ServerProcess, timeout_s: float) -> bool:
@@ -210,9 +218,9 @@ class Run:
         doc = await wait_in_sync(self.primary.address, timeout_s=90)
         resync = doc["volumes"]["vol0"].get("resync") or {}
         self.report.resync_bytes = int(resync.get("total_bytes", 0))
-        with open(self.primary.data_dir / "vol0.img", "rb") as f:
-            image = f.read(REGION)
-        ops: list[Op] = load(self.histories)
+        with open(self.primary.data_dir / "vol0.img", "rb") as img:
+            image = img.read(REGION)
+        ops: list[Op] = load(h for h in self.histories if h.exists())
         self.report.result = check(
             ops,
             image,

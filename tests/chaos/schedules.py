@@ -43,6 +43,8 @@ class Schedule:
     workloads: int = 2
     faults: list[Fault] = field(default_factory=list)
     crash_hit: int = 1
+    #: DST_BROKEN for every server: a deliberately broken build the checker must catch
+    broken: str | None = None
 
     def __post_init__(self) -> None:
         if self.name not in TARGETS:
@@ -71,7 +73,8 @@ class Schedule:
     def describe(self) -> str:
         how = f"crash point {self.crash_point}" if self.crash_point else "SIGKILL at random times"
         times = ", ".join(f"{f.at:.2f}s" for f in self.faults)
-        return f"{self.name} ({how}; planned at {times})"
+        bad = f"; BROKEN BUILD {self.broken}" if self.broken else ""
+        return f"{self.name} ({how}; planned at {times}{bad})"
 
 
 ROTATION = [

@@ -69,7 +69,7 @@ def encode_run(volume: int, first: int, count: int, writer: int, seq: int, epoch
     return b"".join(encode(Stamp(volume, first + i, writer, seq, epoch)) for i in range(count))
 
 
-def decode(buf: bytes | memoryview, sector: int) -> Decoded:
+def decode(buf: bytes | bytearray | memoryview, sector: int) -> Decoded:
     """Classify one 512-byte sector read from sector number ``sector``."""
     raw = bytes(buf)
     if len(raw) != SECTOR:
@@ -88,6 +88,6 @@ def decode(buf: bytes | memoryview, sector: int) -> Decoded:
     return Decoded(Kind.VALID, stamp)
 
 
-def decode_run(buf: bytes | memoryview, first: int) -> list[Decoded]:
+def decode_run(buf: bytes | bytearray | memoryview, first: int) -> list[Decoded]:
     view = memoryview(buf)
     return [decode(view[i : i + SECTOR], first + i // SECTOR) for i in range(0, len(view), SECTOR)]
