@@ -26,7 +26,13 @@ from dst.errors import BlockError
 from tests.chaos.checker import Fence, Result, check
 from tests.chaos.history import Op, load
 from tests.chaos.schedules import Fault, Schedule
-from tests.integration.harness import ServerProcess, pair_processes, wait_in_sync
+from tests.integration.harness import (
+    DstProcess,
+    ServerProcess,
+    bridge_process,
+    pair_processes,
+    wait_in_sync,
+)
 
 REGION = 2 << 20
 
@@ -70,6 +76,7 @@ class Run:
         self.histories: list[Path] = []
         self.next_writer = 1
         self.t0 = 0.0
+        self.bridge: DstProcess | None = None
         self.primary: ServerProcess
         self.secondary: ServerProcess
 
@@ -80,6 +87,8 @@ class Run:
         self.next_writer += 1
         hist = self.dir / f"history-{w}.jsonl"
         target = f"dst://{self.primary.address},{self.secondary.address}/vol0"
+        if self.bridge is not None:
+            target = f"nbd://{self.bridge.address}/vol0"
         argv = [sys.executable, "-m", "tests.chaos.workload", "--target", target]
         argv += ["--writer", str(w), "--seed", str(self.s.seed), "--history", str(hist)]
         argv += ["--duration", f"{max(duration, 0.5):.2f}", "--region", str(REGION)]
@@ -139,7 +148,14 @@ class Run:
     async def fault(self, fault: Fault, crash: bool) -> None:
         kind = self.s.target
         self.report.faults[f"{'crash-point' if crash else 'SIGKILL'} {kind}"] += 1
-        if kind == "workload":
+        if kind == "bridge":
+            assert self.bridge is not None
+            self.report.straddled += self.in_flight_writes() > 0
+            self.bridge.kill(signal.SIGKILL)
+            await trio.sleep(fault.down_s)
+            await trio.to_thread.run_sync(self.bridge.start)
+            heal = time.monotonic()
+        elif kind == "workload":
             w = max(k for k, (p, _) in self.workloads.items() if p.poll() is None)
             proc, _ = self.workloads[w]
             self.report.straddled += self.in_flight_writes() > 0
@@ -179,7 +195,13 @@ class Run:
             self.primary, self.secondary = primary, secondary
             self.servers = [primary, secondary]
             try:
-                await self._run()
+                if self.s.name == "kill-bridge":
+                    with bridge_process(
+                        self.dir, primary.address, "vol0", "--server", str(secondary.address)
+                    ) as self.bridge:
+                        await self._run()
+                else:
+                    await self._run()
             finally:
                 for proc, _ in self.workloads.values():
                     if proc.poll() is None:
@@ -194,6 +216,8 @@ class Run:
         await self.start(self.secondary)
         await self.start(self.primary)
         await wait_in_sync(self.primary.address)
+        if self.bridge is not None:
+            await trio.to_thread.run_sync(self.bridge.start)
         cp = self.s.crash_point
         if cp is not None:
             side = self.primary if self.s.target == "primary" else self.secondary

@@ -17,6 +17,7 @@ TARGETS = {
     "kill-secondary": "secondary",
     "kill-primary-promote": "primary",
     "kill-client": "workload",
+    "kill-bridge": "bridge",
 }
 #: which side hits each crash point
 CRASH_SIDE = {
@@ -84,4 +85,5 @@ ROTATION = [
     ("kill-secondary", "secondary.after-write-before-fsync"),
     ("kill-primary-promote", "primary.after-local-write"),
     ("kill-primary-promote", "primary.after-peer-ack"),
+    ("kill-bridge", None),
 ]

@@ -8,7 +8,9 @@ Writes are 1..64 sectors inside ``--region`` bytes at the volume's start, so the
 often; one in four is placed across a 32 KiB boundary (the replication extent and the
 splitter's cut).  A write's sectors carry (writer, seq = history id, epoch), so every sector
 read back names the write it came from.  The dst:// target lists one or two servers: the
-client follows the primary after a failover.
+client follows the primary after a failover.  The nbd://HOST:PORT/EXPORT target goes through
+a dst bridge with tests/chaos/nbdclient.py; requests the bridge's death left unanswered stay
+unknown in the history, and the client reconnects.
 """
 
 from __future__ import annotations
@@ -28,16 +30,20 @@ from dst.block import Bio, Op
 from dst.client import open_remote
 from dst.errors import BlockError
 from tests.chaos.history import HistoryWriter
+from tests.chaos.nbdclient import Lost, NbdVolume
 from tests.chaos.sectors import SECTOR, Kind, decode_run, encode_run
 
 EXTENT = 32 << 10
 
 
-def parse_target(target: str) -> tuple[list[str], str]:
-    if not target.startswith("dst://"):
-        raise SystemExit(f"workload: target {target!r}: only dst://HOST:PORT[,HOST:PORT]/VOLUME")
-    hosts, _, volume = target[len("dst://") :].partition("/")
-    return hosts.split(","), volume
+def parse_target(target: str) -> tuple[str, list[str], str]:
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme not in ("dst", "nbd"):
+        raise SystemExit(
+            f"workload: target {target!r}: dst://HOST:PORT[,HOST:PORT]/VOLUME or nbd://HOST:PORT/EXPORT"
+        )
+    hosts, _, volume = rest.partition("/")
+    return scheme, hosts.split(","), volume
 
 
 class Workload:
@@ -47,7 +53,7 @@ class Workload:
         self.rng = random.Random(args.seed * 1000 + args.writer)
         self.history = HistoryWriter(Path(args.history), args.writer)
         self.sectors = args.region // SECTOR
-        self.counts = {"ok": 0, "failed": 0, "corrupt_seen": 0}
+        self.counts = {"ok": 0, "failed": 0, "unknown": 0, "corrupt_seen": 0}
         self.issued = 0
 
     def pick_write(self) -> tuple[int, int]:
@@ -79,6 +85,10 @@ class Workload:
     async def run(self, rid: int, bio: Bio, buf: bytearray | None = None, first: int = 0) -> None:
         try:
             await self.vol.submit(bio)
+        except Lost:
+            self.counts["unknown"] += 1  # the bridge died: no answer, outcome unknown
+            await trio.sleep(0.05)
+            return
         except BlockError as exc:
             self.counts["failed"] += 1
             self.history.complete(rid, errno=exc.errno)
@@ -112,6 +122,16 @@ class Workload:
             await self.one()
 
 
+async def drive(args: argparse.Namespace, vol: Any) -> Workload:
+    wl = Workload(args, vol)
+    deadline = time.monotonic() + args.duration
+    async with trio.open_nursery() as nursery:
+        for _ in range(args.depth):
+            nursery.start_soon(wl.worker, deadline)
+    wl.history.close()
+    return wl
+
+
 async def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m tests.chaos.workload")
     p.add_argument("--target", required=True)
@@ -124,16 +144,19 @@ async def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--region", type=int, default=2 << 20)
     p.add_argument("--volume-id", type=int, default=0)
     args = p.parse_args(argv)
-    servers, volume = parse_target(args.target)
-    async with open_remote(
-        servers, volume, keepalive_s=0.2, dead_after_s=1.0, max_retries=40
-    ) as vol:
-        wl = Workload(args, vol)
-        deadline = time.monotonic() + args.duration
-        async with trio.open_nursery() as nursery:
-            for _ in range(args.depth):
-                nursery.start_soon(wl.worker, deadline)
-        wl.history.close()
+    scheme, servers, volume = parse_target(args.target)
+    if scheme == "nbd":
+        host, _, port = servers[0].rpartition(":")
+        nbd = NbdVolume(host, int(port), volume)
+        async with trio.open_nursery() as outer:
+            await nbd.connect(outer)
+            wl = await drive(args, nbd)
+            await nbd.aclose()
+    else:
+        async with open_remote(
+            servers, volume, keepalive_s=0.2, dead_after_s=1.0, max_retries=40
+        ) as vol:
+            wl = await drive(args, vol)
     print(json.dumps({"writer": args.writer, **wl.counts}), flush=True)
     return 0
 
