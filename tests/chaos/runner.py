@@ -22,6 +22,7 @@ from pathlib import Path
 import trio
 
 from dst.admin import fetch_status, promote
+from dst.block.faults import FAULTS_ENV, power_loss, write_spec
 from dst.errors import BlockError
 from tests.chaos.checker import Fence, Result, check
 from tests.chaos.history import Op, load
@@ -166,6 +167,9 @@ class Run:
             self.start_workload(self.s.window_s - (heal - self.t0))
         else:
             victim = self.primary if kind == "primary" else self.secondary
+            if kind == "primary" and self.s.name.endswith("-promote"):
+                # only an in-sync secondary may be promoted (dst refuses one mid-resync)
+                await wait_in_sync(self.primary.address, timeout_s=30)
             if crash:
                 if not await self.wait_death(victim, self.s.window_s):
                     self.report.faults[f"crash point not reached {kind}"] += 1
@@ -173,11 +177,16 @@ class Run:
             else:
                 self.report.straddled += self.in_flight_writes() > 0
                 victim.kill(signal.SIGKILL)
+            if self.s.power_loss and FAULTS_ENV in victim.env:
+                journal = victim.data_dir.parent / f"{victim.data_dir.name}.journal"
+                lost = power_loss(victim.data_dir / "vol0.img", journal, torn_seed=self.s.seed)
+                self.report.faults[f"power loss {kind}"] += 1
+                self.report.faults["unsynced writes rolled back"] += lost.writes_rolled_back
             if crash:
                 self.report.straddled += self.in_flight_writes() > 0
             victim.env.pop("DST_CRASH_AT", None)
             await trio.sleep(fault.down_s)
-            if kind == "primary" and self.s.name == "kill-primary-promote":
+            if kind == "primary" and self.s.name.endswith("-promote"):
                 await self.fail_over()
                 heal = time.monotonic()
                 await self.start(self.secondary)
@@ -219,6 +228,15 @@ class Run:
         if self.bridge is not None:
             await trio.to_thread.run_sync(self.bridge.start)
         cp = self.s.crash_point
+        if self.s.power_loss:
+            side = self.primary if self.s.target == "primary" else self.secondary
+            spec = self.dir / "faults.json"
+            journal = side.data_dir.parent / f"{side.data_dir.name}.journal"
+            write_spec(spec, journal=str(journal))
+            side.env[FAULTS_ENV] = str(spec)
+            await trio.to_thread.run_sync(side.stop)
+            await self.start(side)
+            await wait_in_sync(self.primary.address)
         if cp is not None:
             side = self.primary if self.s.target == "primary" else self.secondary
             side.env["DST_CRASH_AT"] = f"{cp}:{self.s.crash_hit}"

@@ -18,6 +18,8 @@ TARGETS = {
     "kill-primary-promote": "primary",
     "kill-client": "workload",
     "kill-bridge": "bridge",
+    "power-loss-secondary": "secondary",
+    "power-loss-primary-promote": "primary",
 }
 #: which side hits each crash point
 CRASH_SIDE = {
@@ -57,12 +59,17 @@ class Schedule:
         self.crash_hit = rng.randint(30, 400)  # the Nth pass through the crash point dies
         # spread the faults over the first 70% of the window, leaving time to heal under load
         slots = sorted(rng.uniform(0.8, self.window_s * 0.7) for _ in range(n))
-        gap = 1.5 if self.name != "kill-primary-promote" else 3.0
+        gap = 3.0 if self.name.endswith("-promote") else 1.5
         at = 0.0
         for t in slots:
             at = max(t, at + gap)
             if at < self.window_s - 1.5:
                 self.faults.append(Fault(at, rng.uniform(0.2, 1.0)))
+
+    @property
+    def power_loss(self) -> bool:
+        """The killed server also loses what it had not synced (dst/block/faults.py)."""
+        return self.name.startswith("power-loss-")
 
     @property
     def target(self) -> str:
@@ -86,4 +93,6 @@ ROTATION = [
     ("kill-primary-promote", "primary.after-local-write"),
     ("kill-primary-promote", "primary.after-peer-ack"),
     ("kill-bridge", None),
+    ("power-loss-secondary", None),
+    ("power-loss-primary-promote", None),
 ]
