@@ -35,8 +35,6 @@ from tests.integration.harness import (
     wait_in_sync,
 )
 
-REGION = 2 << 20
-
 
 @dataclass
 class Report:
@@ -92,7 +90,7 @@ class Run:
             target = f"nbd://{self.bridge.address}/vol0"
         argv = [sys.executable, "-m", "tests.chaos.workload", "--target", target]
         argv += ["--writer", str(w), "--seed", str(self.s.seed), "--history", str(hist)]
-        argv += ["--duration", f"{max(duration, 0.5):.2f}", "--region", str(REGION)]
+        argv += ["--duration", f"{max(duration, 0.5):.2f}", "--region", str(self.s.region)]
         with open(self.dir / f"workload-{w}.log", "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=log)
         self.workloads[w] = (proc, hist)
@@ -261,7 +259,7 @@ class Run:
         resync = doc["volumes"]["vol0"].get("resync") or {}
         self.report.resync_bytes = int(resync.get("total_bytes", 0))
         with open(self.primary.data_dir / "vol0.img", "rb") as img:
-            image = img.read(REGION)
+            image = img.read(self.s.region)
         ops: list[Op] = load(h for h in self.histories if h.exists())
         self.report.result = check(
             ops,

@@ -48,12 +48,17 @@ class Schedule:
     crash_hit: int = 1
     #: DST_BROKEN for every server: a deliberately broken build the checker must catch
     broken: str | None = None
+    #: bytes at the volume's start the workload writes; power loss wants a wide one, so that
+    #: flushed extents outside what was written while the node was down exist (skip-fsync)
+    region: int = 2 << 20
 
     def __post_init__(self) -> None:
         if self.name not in TARGETS:
             raise ValueError(f"schedule {self.name!r}: one of {', '.join(TARGETS)}")
         if self.crash_point is not None and self.crash_point not in CRASH_SIDE:
             raise ValueError(f"crash point {self.crash_point!r}: one of {', '.join(CRASH_SIDE)}")
+        if self.power_loss:
+            self.region = 32 << 20
         rng = random.Random(f"{self.name}/{self.seed}")
         n = rng.randint(1, self.max_faults)
         self.crash_hit = rng.randint(30, 400)  # the Nth pass through the crash point dies

@@ -23,6 +23,8 @@ SEEDS = {
     ("kill-primary-promote", "primary.after-local-write"): 3,
     ("kill-primary-promote", "primary.after-peer-ack"): 4,
     ("kill-bridge", None): 1,
+    ("power-loss-secondary", None): 1,
+    ("power-loss-primary-promote", None): 1,
 }
 
 
@@ -39,6 +41,8 @@ async def test_schedule_keeps_every_invariant(
     assert report.straddled >= 1, "no kill landed while writes were in flight"
     assert r.writes_acked > 500 and r.reads_checked > 100 and r.sectors_checked > 10_000
     assert r.acked_writes_lost == 0 and r.divergence_bytes == 0 and r.fenced_applied == 0
+    if schedule.power_loss:
+        assert report.faults["unsynced writes rolled back"] > 0  # the power cut took something
     if name in ("kill-client", "kill-bridge"):
         assert r.ops_unknown >= 1  # the kill left operations without an answer
     else:
@@ -54,3 +58,14 @@ async def test_checker_catches_resync_from_the_wrong_side(tmp_path: Path) -> Non
     print(report.figures())
     caught = {v.invariant for v in report.result.violations}
     assert caught & {1, 2}, report.figures()
+
+
+async def test_checker_catches_skipped_fsync_after_a_power_loss(tmp_path: Path) -> None:
+    """Teeth: a build whose FLUSH does not sync loses flushed data in the secondary's power
+    cut; the primary, believing it stable, does not resync it: the replicas differ."""
+    schedule = Schedule("power-loss-secondary", 1, window_s=7.0)
+    schedule.broken = "skip-fsync"
+    report = await run_schedule(schedule, tmp_path)
+    print(report.figures())
+    assert 5 in {v.invariant for v in report.result.violations}, report.figures()
+    assert report.result.divergence_bytes > 0
