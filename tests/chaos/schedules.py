@@ -84,10 +84,13 @@ class Schedule:
         return TARGETS[self.name]
 
     def describe(self) -> str:
-        how = f"crash point {self.crash_point}" if self.crash_point else "SIGKILL at random times"
-        times = ", ".join(f"{f.at:.2f}s" for f in self.faults)
+        if self.crash_point:
+            how, times = f"crash point {self.crash_point}", f"pass {self.crash_hit} through it"
+        else:
+            how = "SIGKILL at random times"
+            times = "planned at " + ", ".join(f"{f.at:.2f}s" for f in self.faults)
         bad = f"; BROKEN BUILD {self.broken}" if self.broken else ""
-        return f"{self.name} ({how}; planned at {times}{bad})"
+        return f"{self.name} ({how}; {times}{bad})"
 
 
 ROTATION = [

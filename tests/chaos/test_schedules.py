@@ -15,6 +15,8 @@ import pytest
 from tests.chaos.runner import run_schedule
 from tests.chaos.schedules import ROTATION, Schedule
 
+pytestmark = pytest.mark.slow
+
 SEEDS = {
     ("kill-secondary", None): 1,
     ("kill-primary-promote", None): 1,
