@@ -146,8 +146,17 @@ class Run:
 
     async def fault(self, fault: Fault, crash: bool) -> None:
         kind = self.s.target
-        self.report.faults[f"{'crash-point' if crash else 'SIGKILL'} {kind}"] += 1
-        if kind == "bridge":
+        if kind != "disk":
+            self.report.faults[f"{'crash-point' if crash else 'SIGKILL'} {kind}"] += 1
+        if kind == "disk":
+            # bad blocks under the first quarter of the region on the primary, then healed
+            spec = self.dir / "faults.json"
+            write_spec(spec, eio_read=[[0, self.s.region // 4]])
+            self.report.faults["EIO read range primary"] += 1
+            await trio.sleep(fault.down_s + 1.0)
+            write_spec(spec)
+            heal = time.monotonic()
+        elif kind == "bridge":
             assert self.bridge is not None
             self.report.straddled += self.in_flight_writes() > 0
             self.bridge.kill(signal.SIGKILL)
@@ -226,11 +235,11 @@ class Run:
         if self.bridge is not None:
             await trio.to_thread.run_sync(self.bridge.start)
         cp = self.s.crash_point
-        if self.s.power_loss:
-            side = self.primary if self.s.target == "primary" else self.secondary
+        if self.s.power_loss or self.s.target == "disk":
+            side = self.secondary if self.s.target == "secondary" else self.primary
             spec = self.dir / "faults.json"
             journal = side.data_dir.parent / f"{side.data_dir.name}.journal"
-            write_spec(spec, journal=str(journal))
+            write_spec(spec, journal=str(journal)) if self.s.power_loss else write_spec(spec)
             side.env[FAULTS_ENV] = str(spec)
             await trio.to_thread.run_sync(side.stop)
             await self.start(side)

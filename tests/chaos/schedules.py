@@ -20,6 +20,7 @@ TARGETS = {
     "kill-bridge": "bridge",
     "power-loss-secondary": "secondary",
     "power-loss-primary-promote": "primary",
+    "bad-blocks-primary": "disk",
 }
 #: which side hits each crash point
 CRASH_SIDE = {
@@ -87,7 +88,7 @@ class Schedule:
         if self.crash_point:
             how, times = f"crash point {self.crash_point}", f"pass {self.crash_hit} through it"
         else:
-            how = "SIGKILL at random times"
+            how = "EIO reads, then healed" if self.target == "disk" else "SIGKILL at random times"
             times = "planned at " + ", ".join(f"{f.at:.2f}s" for f in self.faults)
         bad = f"; BROKEN BUILD {self.broken}" if self.broken else ""
         return f"{self.name} ({how}; {times}{bad})"
@@ -103,4 +104,5 @@ ROTATION = [
     ("kill-bridge", None),
     ("power-loss-secondary", None),
     ("power-loss-primary-promote", None),
+    ("bad-blocks-primary", None),
 ]

@@ -27,6 +27,7 @@ SEEDS = {
     ("kill-bridge", None): 1,
     ("power-loss-secondary", None): 1,
     ("power-loss-primary-promote", None): 1,
+    ("bad-blocks-primary", None): 1,
 }
 
 
@@ -40,12 +41,15 @@ async def test_schedule_keeps_every_invariant(
     r = report.result
     assert r.ok, r.violations[:10]
     assert sum(report.faults.values()) >= 1 and not any("not reached" in k for k in report.faults)
-    assert report.straddled >= 1, "no kill landed while writes were in flight"
+    disk = schedule.target == "disk"
+    assert disk or report.straddled >= 1, "no kill landed while writes were in flight"
     assert r.writes_acked > 500 and r.reads_checked > 100 and r.sectors_checked > 10_000
     assert r.acked_writes_lost == 0 and r.divergence_bytes == 0 and r.fenced_applied == 0
     if schedule.power_loss:
         assert report.faults["unsynced writes rolled back"] > 0  # the power cut took something
-    if name in ("kill-client", "kill-bridge"):
+    if disk:
+        assert r.ops_failed >= 1  # reads of the bad blocks failed, as they must
+    elif name in ("kill-client", "kill-bridge"):
         assert r.ops_unknown >= 1  # the kill left operations without an answer
     else:
         assert report.resync_bytes > 0  # the returning side was resynced
@@ -71,3 +75,13 @@ async def test_checker_catches_skipped_fsync_after_a_power_loss(tmp_path: Path) 
     print(report.figures())
     assert 5 in {v.invariant for v in report.result.violations}, report.figures()
     assert report.result.divergence_bytes > 0
+
+
+async def test_checker_catches_eio_answered_as_zeros(tmp_path: Path) -> None:
+    """Teeth: a build that answers a failed READ with zeros is caught (invariant 6)."""
+    schedule = Schedule("bad-blocks-primary", 1, window_s=7.0)
+    schedule.broken = "eio-as-zeros"
+    report = await run_schedule(schedule, tmp_path)
+    print(report.figures())
+    assert 6 in {v.invariant for v in report.result.violations}, report.figures()
+    assert report.result.zeros_for_data > 0
