@@ -65,7 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             str(sum(getattr(r.result, k) for r in reports))
             for k in ("ops_ok", "ops_failed", "ops_unknown")
         ),
-        "faults": sum(sum(r.faults.values()) for r in reports),
+        "faults": sum(
+            n for r in reports for k, n in r.faults.items() if k != "unsynced writes rolled back"
+        ),
+        "unsynced writes rolled back": sum(
+            r.faults["unsynced writes rolled back"] for r in reports
+        ),
         "kills straddling in-flight writes": sum(r.straddled for r in reports),
         "acknowledged writes lost": sum(r.result.acked_writes_lost for r in reports),
         "fenced writes applied": sum(r.result.fenced_applied for r in reports),
