@@ -106,6 +106,9 @@ class Replicated:
         # yet known stable.  If the peer's FLUSH fails they are marked out of sync.
         self._unflushed: set[int] = set()
         self._unflushed_overflow = False
+        # Extents the current resync pass copied (bit cleared) that the peer holds only in its
+        # page cache until the pass's final FLUSH: a relink before it marks them again.
+        self._resync_unflushed: set[int] = set()
         self.resync_rate = resync_rate
         self._locks = RangeLocks()
         self._progress = ResyncProgress()
@@ -348,9 +351,10 @@ class Replicated:
         # the bitmap on a lost connection for the same reason).  Those extents are resynced;
         # without this, protocol C's acknowledged-but-unflushed writes were missing on the
         # peer for good when it came back before the next FLUSH.
-        if self._unflushed or self._unflushed_overflow:
-            unflushed, overflow = self._unflushed, self._unflushed_overflow
+        if self._unflushed or self._unflushed_overflow or self._resync_unflushed:
+            unflushed, overflow = self._unflushed | self._resync_unflushed, self._unflushed_overflow
             self._unflushed, self._unflushed_overflow = set(), False
+            self._resync_unflushed = set()
             await self._mark_unflushed(unflushed, overflow, "peer_relinked", "unflushed on peer")
         await connect_handshake(self.state, partial(self._sync, link))
 
@@ -412,6 +416,7 @@ class Replicated:
                 self.bitmap, self.size, self._copy, rate=self.resync_rate, progress=self._progress
             )
             await self.peer.submit(Bio(Op.FLUSH, 0, 0))
+            self._resync_unflushed.clear()  # the copies are stable on the peer now
             await trio.to_thread.run_sync(self.bitmap.flush)
         except* BlockError as group:
             interrupted = str(group.exceptions[0])
@@ -439,6 +444,10 @@ class Replicated:
                 await self.local.submit(Bio.from_buffer(Op.READ, offset, view))
                 await self.peer.submit(Bio.from_buffer(Op.WRITE, offset, view))
             self.bitmap.clear(offset, len(view))
+            step = self.bitmap.extent_size
+            self._resync_unflushed.update(
+                range(offset // step, (offset + len(view) - 1) // step + 1)
+            )
             self._resynced += len(view)
 
     def statistics(self) -> ReplicationStatistics:

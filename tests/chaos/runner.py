@@ -1,0 +1,284 @@
+"""Carry out a chaos schedule against a real replicated pair and check what came out.
+
+The runner starts a pair of ``dst serve`` processes (harness.pair_processes), workload
+processes (tests/chaos/workload.py) writing through the client to whichever side is
+primary, applies the schedule's kills, heals (restart, or promote the secondary and bring the
+old primary back as its secondary), waits for resync (harness.wait_in_sync), and runs the
+checker over every history, the primary's final data and both replica files.  Every process
+it starts is killed by pid in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from dst.admin import fetch_status, promote
+from dst.block.faults import FAULTS_ENV, power_loss, write_spec
+from dst.errors import BlockError
+from tests.chaos.checker import Fence, Result, check
+from tests.chaos.history import Op, load
+from tests.chaos.schedules import Fault, Schedule
+from tests.integration.harness import (
+    DstProcess,
+    ServerProcess,
+    bridge_process,
+    pair_processes,
+    wait_in_sync,
+)
+
+
+@dataclass
+class Report:
+    schedule: Schedule
+    result: Result = field(default_factory=Result)
+    faults: Counter[str] = field(default_factory=Counter)
+    straddled: int = 0
+    resume_s: list[float] = field(default_factory=list)
+    resync_bytes: int = 0
+    elapsed_s: float = 0.0
+
+    def figures(self) -> str:
+        r = self.result
+        lines = [
+            f"seed: {self.schedule.seed}",
+            f"schedule: {self.schedule.describe()}",
+            f"faults injected: {dict(self.faults) or 'none'}",
+            f"kills that straddled in-flight writes: {self.straddled}",
+            *(f"{k}: {v}" for k, v in r.figures().items()),
+            f"resync bytes after heal: {self.resync_bytes}",
+            "time to resume after heal: "
+            + (f"max {max(self.resume_s):.2f}s" if self.resume_s else "-"),
+            f"run time: {self.elapsed_s:.1f}s",
+            f"verdict: {'OK' if r.ok else 'VIOLATIONS'}",
+        ]
+        lines += [f"  invariant {v.invariant}: {v.what}" for v in r.violations[:20]]
+        return "\n".join(lines)
+
+
+class Run:
+    def __init__(self, schedule: Schedule, workdir: Path) -> None:
+        self.s = schedule
+        self.dir = workdir
+        self.report = Report(schedule)
+        self.fences: list[Fence] = []
+        self.servers: list[ServerProcess] = []
+        self.workloads: dict[int, tuple[subprocess.Popen[bytes], Path]] = {}
+        self.histories: list[Path] = []
+        self.next_writer = 1
+        self.t0 = 0.0
+        self.bridge: DstProcess | None = None
+        self.primary: ServerProcess
+        self.secondary: ServerProcess
+
+    # -- workloads -----------------------------------------------------------------------
+
+    def start_workload(self, duration: float) -> None:
+        w = self.next_writer
+        self.next_writer += 1
+        hist = self.dir / f"history-{w}.jsonl"
+        target = f"dst://{self.primary.address},{self.secondary.address}/vol0"
+        if self.bridge is not None:
+            target = f"nbd://{self.bridge.address}/vol0"
+        argv = [sys.executable, "-m", "tests.chaos.workload", "--target", target]
+        argv += ["--writer", str(w), "--seed", str(self.s.seed), "--history", str(hist)]
+        argv += ["--duration", f"{max(duration, 0.5):.2f}", "--region", str(self.s.region)]
+        with open(self.dir / f"workload-{w}.log", "ab") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=log)
+        self.workloads[w] = (proc, hist)
+        self.histories.append(hist)
+
+    def in_flight_writes(self) -> int:
+        live = [h for p, h in self.workloads.values() if p.poll() is None and h.exists()]
+        return sum(1 for op in load(live) if op.op == "write" and op.ok is None)
+
+    def first_ack_after(self, t: float) -> float | None:
+        acks = [
+            op.completed
+            for op in load(h for h in self.histories if h.exists())
+            if op.op == "write" and op.ok
+        ]
+        later = [a for a in acks if a is not None and a > t]
+        return min(later) - t if later else None
+
+    # -- servers ---------------------------------------------------------------------------
+
+    async def start(self, sp: ServerProcess) -> None:
+        if self.s.broken:
+            sp.env["DST_BROKEN"] = self.s.broken
+        await trio.to_thread.run_sync(sp.start)
+
+    async def wait_death(self, sp: ServerProcess, timeout_s: float) -> bool:
+        assert sp.proc is not None
+        with trio.move_on_after(timeout_s):
+            while sp.proc.poll() is None:
+                await trio.sleep(0.02)
+            return True
+        return False
+
+    async def fail_over(self) -> None:
+        """The primary is dead: promote the secondary, the old primary rejoins as secondary."""
+        with trio.fail_after(20):
+            while True:
+                try:
+                    await promote(self.secondary.address, "vol0", None, force=False)
+                    break
+                except (BlockError, OSError):
+                    await trio.sleep(0.1)  # EBUSY until it notices the primary is gone
+        doc = await fetch_status(self.secondary.address, None)
+        self.fences.append(Fence(time.monotonic(), int(doc["volumes"]["vol0"].get("epoch", 0))))
+        old = self.primary
+        back = ServerProcess(
+            old.data_dir, old.address.port, "vol0=64M",
+            self.dir / f"rejoin-{len(self.servers)}.log",
+            "--peer", str(self.secondary.address), "--role", "secondary",
+        )  # fmt: skip
+        self.servers.append(back)
+        self.primary, self.secondary = self.secondary, back
+
+    async def fault(self, fault: Fault, crash: bool) -> None:
+        kind = self.s.target
+        if kind != "disk":
+            self.report.faults[f"{'crash-point' if crash else 'SIGKILL'} {kind}"] += 1
+        if kind == "disk":
+            # bad blocks under the first quarter of the region on the primary, then healed
+            spec = self.dir / "faults.json"
+            write_spec(spec, eio_read=[[0, self.s.region // 4]])
+            self.report.faults["EIO read range primary"] += 1
+            await trio.sleep(fault.down_s + 1.0)
+            write_spec(spec)
+            heal = time.monotonic()
+        elif kind == "bridge":
+            assert self.bridge is not None
+            self.report.straddled += self.in_flight_writes() > 0
+            self.bridge.kill(signal.SIGKILL)
+            await trio.sleep(fault.down_s)
+            await trio.to_thread.run_sync(self.bridge.start)
+            heal = time.monotonic()
+        elif kind == "workload":
+            w = max(k for k, (p, _) in self.workloads.items() if p.poll() is None)
+            proc, _ = self.workloads[w]
+            self.report.straddled += self.in_flight_writes() > 0
+            proc.kill()
+            proc.wait(10)
+            await trio.sleep(fault.down_s)
+            heal = time.monotonic()
+            self.start_workload(self.s.window_s - (heal - self.t0))
+        else:
+            victim = self.primary if kind == "primary" else self.secondary
+            if kind == "primary" and self.s.name.endswith("-promote"):
+                # only an in-sync secondary may be promoted (dst refuses one mid-resync)
+                await wait_in_sync(self.primary.address, timeout_s=30)
+            if crash:
+                if not await self.wait_death(victim, self.s.window_s):
+                    self.report.faults[f"crash point not reached {kind}"] += 1
+                    return
+            else:
+                self.report.straddled += self.in_flight_writes() > 0
+                victim.kill(signal.SIGKILL)
+            if self.s.power_loss and FAULTS_ENV in victim.env:
+                journal = victim.data_dir.parent / f"{victim.data_dir.name}.journal"
+                lost = power_loss(victim.data_dir / "vol0.img", journal, torn_seed=self.s.seed)
+                self.report.faults[f"power loss {kind}"] += 1
+                self.report.faults["unsynced writes rolled back"] += lost.writes_rolled_back
+            if crash:
+                self.report.straddled += self.in_flight_writes() > 0
+            victim.env.pop("DST_CRASH_AT", None)
+            await trio.sleep(fault.down_s)
+            if kind == "primary" and self.s.name.endswith("-promote"):
+                await self.fail_over()
+                heal = time.monotonic()
+                await self.start(self.secondary)
+            else:
+                await self.start(victim)
+                heal = time.monotonic()
+        await trio.sleep(0.5)
+        resume = self.first_ack_after(heal)
+        if resume is not None:
+            self.report.resume_s.append(resume)
+
+    async def run(self) -> Report:
+        began = time.monotonic()
+        with pair_processes(self.dir) as (primary, secondary):
+            self.primary, self.secondary = primary, secondary
+            self.servers = [primary, secondary]
+            try:
+                if self.s.name == "kill-bridge":
+                    with bridge_process(
+                        self.dir, primary.address, "vol0", "--server", str(secondary.address)
+                    ) as self.bridge:
+                        await self._run()
+                else:
+                    await self._run()
+            finally:
+                for proc, _ in self.workloads.values():
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait(10)
+                for sp in self.servers:
+                    sp.stop()
+        self.report.elapsed_s = time.monotonic() - began
+        return self.report
+
+    async def _run(self) -> None:
+        await self.start(self.secondary)
+        await self.start(self.primary)
+        await wait_in_sync(self.primary.address)
+        if self.bridge is not None:
+            await trio.to_thread.run_sync(self.bridge.start)
+        cp = self.s.crash_point
+        if self.s.power_loss or self.s.target == "disk":
+            side = self.secondary if self.s.target == "secondary" else self.primary
+            spec = self.dir / "faults.json"
+            journal = side.data_dir.parent / f"{side.data_dir.name}.journal"
+            write_spec(spec, journal=str(journal)) if self.s.power_loss else write_spec(spec)
+            side.env[FAULTS_ENV] = str(spec)
+            await trio.to_thread.run_sync(side.stop)
+            await self.start(side)
+            await wait_in_sync(self.primary.address)
+        if cp is not None:
+            side = self.primary if self.s.target == "primary" else self.secondary
+            side.env["DST_CRASH_AT"] = f"{cp}:{self.s.crash_hit}"
+            await trio.to_thread.run_sync(side.stop)
+            await self.start(side)
+            await wait_in_sync(self.primary.address)
+        self.t0 = time.monotonic()
+        for _ in range(self.s.workloads):
+            self.start_workload(self.s.window_s)
+        faults = self.s.faults[:1] if cp else self.s.faults
+        for f in faults:
+            if not cp:
+                await trio.sleep(max(0.0, self.t0 + f.at - time.monotonic()))
+            await self.fault(f, crash=cp is not None)
+        with trio.fail_after(self.s.window_s + 90):
+            for proc, _ in list(self.workloads.values()):
+                await trio.to_thread.run_sync(proc.wait)
+        for sp in (self.primary, self.secondary):
+            if sp.proc is None or sp.proc.poll() is not None:
+                await self.start(sp)
+        doc = await wait_in_sync(self.primary.address, timeout_s=90)
+        resync = doc["volumes"]["vol0"].get("resync") or {}
+        self.report.resync_bytes = int(resync.get("total_bytes", 0))
+        with open(self.primary.data_dir / "vol0.img", "rb") as img:
+            image = img.read(self.s.region)
+        ops: list[Op] = load(h for h in self.histories if h.exists())
+        self.report.result = check(
+            ops,
+            image,
+            fences=self.fences,
+            replicas=[self.primary.data_dir / "vol0.img", self.secondary.data_dir / "vol0.img"],
+        )
+
+
+async def run_schedule(schedule: Schedule, workdir: Path) -> Report:
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+    return await Run(schedule, workdir).run()

@@ -1,0 +1,108 @@
+"""Chaos schedules: seeded, bounded plans of faults against a replicated pair.
+
+A schedule says which process it kills and how: SIGKILL at random times drawn from its seed,
+or — with ``crash_point`` set — a kill where the code's named crash point says
+(``DST_CRASH_AT``, dst/chaos.py), so the kill lands mid-transaction.  It is bounded in time
+(``window_s``, the workload's life) and count (``max_faults``).  The runner (runner.py)
+carries the faults out; a schedule is only the plan, so the same seed gives the same plan.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+#: schedule name → the process it kills
+TARGETS = {
+    "kill-secondary": "secondary",
+    "kill-primary-promote": "primary",
+    "kill-client": "workload",
+    "kill-bridge": "bridge",
+    "power-loss-secondary": "secondary",
+    "power-loss-primary-promote": "primary",
+    "bad-blocks-primary": "disk",
+}
+#: which side hits each crash point
+CRASH_SIDE = {
+    "primary.after-local-write": "primary",
+    "primary.after-peer-ack": "primary",
+    "secondary.after-write-before-fsync": "secondary",
+    "resync.mid": "primary",
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    at: float  # seconds after the workload started
+    down_s: float  # how long the killed process stays dead
+
+
+@dataclass
+class Schedule:
+    name: str
+    seed: int
+    window_s: float = 8.0
+    max_faults: int = 2
+    crash_point: str | None = None
+    workloads: int = 2
+    faults: list[Fault] = field(default_factory=list)
+    crash_hit: int = 1
+    #: DST_BROKEN for every server: a deliberately broken build the checker must catch
+    broken: str | None = None
+    #: bytes at the volume's start the workload writes; power loss wants a wide one, so that
+    #: flushed extents outside what was written while the node was down exist (skip-fsync)
+    region: int = 2 << 20
+
+    def __post_init__(self) -> None:
+        if self.name not in TARGETS:
+            raise ValueError(f"schedule {self.name!r}: one of {', '.join(TARGETS)}")
+        if self.crash_point is not None and self.crash_point not in CRASH_SIDE:
+            raise ValueError(f"crash point {self.crash_point!r}: one of {', '.join(CRASH_SIDE)}")
+        if self.power_loss:
+            self.region = 32 << 20
+        rng = random.Random(f"{self.name}/{self.seed}")
+        n = rng.randint(1, self.max_faults)
+        self.crash_hit = rng.randint(30, 400)  # the Nth pass through the crash point dies
+        # spread the faults over the first 70% of the window, leaving time to heal under load
+        slots = sorted(rng.uniform(0.8, self.window_s * 0.7) for _ in range(n))
+        gap = 3.0 if self.name.endswith("-promote") else 1.5
+        at = 0.0
+        for t in slots:
+            at = max(t, at + gap)
+            if at < self.window_s - 1.5:
+                self.faults.append(Fault(at, rng.uniform(0.2, 1.0)))
+
+    @property
+    def power_loss(self) -> bool:
+        """The killed server also loses what it had not synced (dst/block/faults.py)."""
+        return self.name.startswith("power-loss-")
+
+    @property
+    def target(self) -> str:
+        """The process the schedule kills (a crash point may name the other side)."""
+        if self.crash_point is not None:
+            return CRASH_SIDE[self.crash_point]
+        return TARGETS[self.name]
+
+    def describe(self) -> str:
+        if self.crash_point:
+            how, times = f"crash point {self.crash_point}", f"pass {self.crash_hit} through it"
+        else:
+            how = "EIO reads, then healed" if self.target == "disk" else "SIGKILL at random times"
+            times = "planned at " + ", ".join(f"{f.at:.2f}s" for f in self.faults)
+        bad = f"; BROKEN BUILD {self.broken}" if self.broken else ""
+        return f"{self.name} ({how}; {times}{bad})"
+
+
+ROTATION = [
+    ("kill-secondary", None),
+    ("kill-primary-promote", None),
+    ("kill-client", None),
+    ("kill-secondary", "secondary.after-write-before-fsync"),
+    ("kill-primary-promote", "primary.after-local-write"),
+    ("kill-primary-promote", "primary.after-peer-ack"),
+    ("kill-bridge", None),
+    ("power-loss-secondary", None),
+    ("power-loss-primary-promote", None),
+    ("bad-blocks-primary", None),
+]
