@@ -244,6 +244,14 @@ class Run:
             await trio.to_thread.run_sync(side.stop)
             await self.start(side)
             await wait_in_sync(self.primary.address)
+        if self.s.slow_secondary_s:
+            spec = self.dir / "slow-secondary.json"
+            write_spec(spec, slow_write_s=self.s.slow_secondary_s)
+            self.secondary.env[FAULTS_ENV] = str(spec)
+            await trio.to_thread.run_sync(self.secondary.stop)
+            await self.start(self.secondary)
+            await wait_in_sync(self.primary.address)
+            self.report.faults["slow disk secondary"] += 1
         if cp is not None:
             side = self.primary if self.s.target == "primary" else self.secondary
             side.env["DST_CRASH_AT"] = f"{cp}:{self.s.crash_hit}"

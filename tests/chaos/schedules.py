@@ -52,6 +52,9 @@ class Schedule:
     #: bytes at the volume's start the workload writes; power loss wants a wide one, so that
     #: flushed extents outside what was written while the node was down exist (skip-fsync)
     region: int = 2 << 20
+    #: a slow disk under the secondary (storage shim): every write there waits this long, so
+    #: a primary that acknowledges before its peer is done has a wide window to be caught in
+    slow_secondary_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in TARGETS:

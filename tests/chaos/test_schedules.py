@@ -85,3 +85,23 @@ async def test_checker_catches_eio_answered_as_zeros(tmp_path: Path) -> None:
     print(report.figures())
     assert 6 in {v.invariant for v in report.result.violations}, report.figures()
     assert report.result.zeros_for_data > 0
+
+
+@pytest.mark.parametrize("broken", [None, "ack-before-sync"])
+async def test_checker_catches_an_ack_before_the_peer_has_the_write(
+    tmp_path: Path, broken: str | None
+) -> None:
+    """Teeth: with a slow disk under the secondary, a build that acknowledges protocol C
+    writes before the peer completes them loses acknowledged writes when the primary dies
+    and the secondary is promoted (invariant 1); the real build, waiting for the slow peer,
+    loses none on the same seed."""
+    schedule = Schedule("kill-primary-promote", 1, window_s=6.0, slow_secondary_s=0.05)
+    schedule.broken = broken
+    report = await run_schedule(schedule, tmp_path)
+    print(report.figures())
+    if broken is None:
+        assert report.result.ok, report.result.violations[:10]
+        assert report.result.writes_acked > 50
+    else:
+        assert 1 in {v.invariant for v in report.result.violations}, report.figures()
+        assert report.result.acked_writes_lost > 0
