@@ -183,3 +183,19 @@ async def test_graceful_handover_a_drains_and_releases_then_b_claims(tmp_path: P
         doc = await fetch_status(server.address, None)
         assert doc["volumes"]["vol0"]["epoch"] == 3
         assert doc["requests"].get("stale_writes", 0) == 0
+
+
+async def test_teeth_a_build_without_the_epoch_check_lets_the_late_write_land(
+    tmp_path: Path,
+) -> None:
+    """Teeth (issue 7): the same scenario against a deliberately broken server
+    (``DST_BROKEN=no-epoch-check``) — A's held write is answered as a success and lands over
+    B's, so the checks above fail: what they assert is what the fence alone provides."""
+    with server_process(tmp_path) as server:
+        server.env["DST_BROKEN"] = "no-epoch-check"
+        server.start()
+        with pytest.raises(AssertionError, match="ok"):
+            await the_late_write_is_fenced(tmp_path, [server.address])
+        assert block0(server.data_dir) == b"A" * BLOCK  # invariant 4 broken: B's write undone
+        doc = await fetch_status(server.address, None)
+        assert doc["requests"].get("stale_writes", 0) == 0
