@@ -238,7 +238,8 @@ class Lab:
         server = f"{self.address[host]}:7410"
         argv = self.dst_argv("status", "--server", server, "--tls", str(self.pki / "admin"))
         doc = json.loads(self.exec("bridge", [*argv, "--json"], timeout_s=30).stdout)
-        return doc[0] if isinstance(doc, list) else doc
+        found: dict[str, Any] = doc[0] if isinstance(doc, list) else doc
+        return found
 
     def wait_in_sync(self, host: str = "a", timeout_s: float = 60) -> dict[str, Any]:
         """Poll the status of ``host`` until vol0 is connected and nothing is out of sync."""
