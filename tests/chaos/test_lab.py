@@ -24,6 +24,7 @@ MiB = 1 << 20
 LOAD = """
 import os, random, sys, time
 rng = random.Random(int(sys.argv[2]))
+h.set_uri_allow_local_file(True)
 h.connect_uri(sys.argv[1])
 end, total, n = time.monotonic() + float(sys.argv[3]), 0, 0
 while time.monotonic() < end:
@@ -120,7 +121,12 @@ def test_flapping_secondary_link_under_load(tmp_path: Path) -> None:
                 load.wait()
         assert load.returncode == 0, err.decode(errors="replace")
         assert int(out) > 0
+        healed = time.monotonic()
         lab.wait_in_sync("a", timeout_s=50)
+        print(
+            f"lab flapping: written {int(out)} B, in sync {time.monotonic() - healed:.1f} s "
+            "after the last heal"
+        )
         lab.kill("bridge")
         assert same_files(lab.data_file("a"), lab.data_file("b"))
     no_lab_left(lab)
