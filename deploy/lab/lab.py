@@ -272,9 +272,10 @@ def main(argv: Sequence[str]) -> int:
         lab = Lab(state.parent, f"dstlab{os.getppid()}")
         state.parent.mkdir(parents=True, exist_ok=True)
         lab.up()
-        pids = {}
-        for host in HOSTS:
-            pids[host] = lab.start(host).pid
+        pids = {"b": lab.start("b").pid, "a": lab.start("a").pid}
+        lab.wait_in_sync("a")
+        pids["bridge"] = lab.start("bridge").pid  # it exits if no server answers yet
+        lab.wait_nbd()
         state.write_text(json.dumps({"prefix": lab.prefix, "pids": pids}))
         print(f"lab {lab.prefix} up; logs in {state.parent}")
         return 0
