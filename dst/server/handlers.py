@@ -145,6 +145,17 @@ async def attach(session: Session, msg: Attach) -> None:
         return
     if claim != "share":
         session.claimed.append(volume)
+    if replica and session.node.endswith(REPLICATION_NODE_SUFFIX):
+        old = volume.replication_link
+        if old is not None and old is not session.scope:
+            log.warning(
+                "peer=%s node=%s volume=%s event=replication_link_replaced",
+                session.peer,
+                session.node,
+                volume.name,
+            )
+            old.cancel()
+        volume.replication_link = session.scope
     handle = next((h for h, v in session.handles.items() if v is volume), None)
     if handle is None:
         handle = len(session.handles) + 1

@@ -94,6 +94,8 @@ class Session:
         self.claimed: list[Volume] = []  # volumes this session holds as their owner
         self.replays = ReplayWindow()
         self.slots = trio.Semaphore(server.max_inflight)
+        #: Cancelled when a newer replication link of the same primary replaces this one.
+        self.scope = trio.CancelScope()
         framed.in_flight = lambda: server.max_inflight - self.slots.value
 
     async def send(self, msg: Message, data: list[memoryview] | None = None) -> None:
@@ -114,8 +116,11 @@ class Session:
             self.server.sessions[self.role] += 1
             self.server.links[link] += 1
             try:
-                async with trio.open_nursery() as nursery:
-                    await self._read_loop(nursery)
+                with self.scope:
+                    async with trio.open_nursery() as nursery:
+                        await self._read_loop(nursery)
+                if self.scope.cancelled_caught:
+                    reason = "replaced by a newer replication link"
             finally:
                 self.server.sessions[self.role] -= 1
                 self.server.links[link] -= 1

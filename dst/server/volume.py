@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -48,6 +48,9 @@ NEW_VOLUME = Generations.created()
 # Names become file names; keep them portable and unable to escape the data directory.
 VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+if TYPE_CHECKING:
+    import trio
 
 
 def parse_size(text: str) -> int:
@@ -105,6 +108,10 @@ class Volume:
         self.al: ActivityLog | None = None
         #: Set on a replication primary: the layer that also writes to the peer.
         self.replicated: Replicated | None = None
+        #: On a secondary: the cancel scope of the primary's current replication link. A new
+        #: link cancels the older one, whose socket may still deliver frames the primary's
+        #: kernel retransmits after a partition heals (stale writes landing after a resync).
+        self.replication_link: trio.CancelScope | None = None
 
     @property
     def name(self) -> str:
