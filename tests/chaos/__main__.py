@@ -39,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crash-point")
     p.add_argument("--seed", type=int)
     p.add_argument("--window", type=float, default=8.0)
+    p.add_argument(
+        "--slow-secondary",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="sleep before each write on the secondary's disk",
+    )
     p.add_argument("--broken", help="DST_BROKEN for the servers (the checker must object)")
     p.add_argument("--soak", type=float, metavar="MINUTES")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -46,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.soak is None:
         if args.schedule is None:
             p.error("--schedule or --soak")
-        s = Schedule(args.schedule, args.seed or 0, args.window, crash_point=args.crash_point)
+        s = Schedule(
+            args.schedule,
+            args.seed or 0,
+            args.window,
+            crash_point=args.crash_point,
+            slow_secondary_s=args.slow_secondary,
+        )
         s.broken = args.broken
         return 0 if run_one(s, args.keep).result.ok else 1
     rng = random.Random(args.seed)

@@ -172,6 +172,18 @@ class Run:
             await trio.sleep(fault.down_s)
             heal = time.monotonic()
             self.start_workload(self.s.window_s - (heal - self.t0))
+        elif kind == "both":
+            await wait_in_sync(self.primary.address, timeout_s=30)
+            self.report.straddled += self.in_flight_writes() > 0
+            # the primary first: once it is dead no acknowledgement can leave it, so every
+            # acknowledged write must already be on the secondary when that dies too
+            self.primary.kill(signal.SIGKILL)
+            self.secondary.kill(signal.SIGKILL)
+            await trio.sleep(fault.down_s)
+            await self.start(self.secondary)
+            await self.fail_over()
+            heal = time.monotonic()
+            await self.start(self.secondary)
         else:
             victim = self.primary if kind == "primary" else self.secondary
             if kind == "primary" and self.s.name.endswith("-promote"):

@@ -20,6 +20,10 @@ TARGETS = {
     "kill-bridge": "bridge",
     "power-loss-secondary": "secondary",
     "power-loss-primary-promote": "primary",
+    # the primary's host lost for good and the secondary's process killed with it (a rack
+    # losing power, the secondary's page cache surviving): the secondary restarts, is
+    # promoted, and must hold every write the primary acknowledged
+    "kill-both-promote": "both",
     "bad-blocks-primary": "disk",
 }
 #: which side hits each crash point
@@ -108,4 +112,5 @@ ROTATION = [
     ("power-loss-secondary", None),
     ("power-loss-primary-promote", None),
     ("bad-blocks-primary", None),
+    ("kill-both-promote", None),
 ]
