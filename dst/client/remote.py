@@ -516,13 +516,15 @@ async def open_remote(
     must_connect: bool = True,
     claim: str = "share",
     claim_wait_s: float = 0.0,
+    request_timeout_s: float | None = 60.0,
 ) -> AsyncIterator[RemoteVolume]:
     """Connect to ``address``, attach ``volume`` and yield it as a block layer.
 
     ``address`` may list several servers (a replicated pair): the volume is attached where it
     is primary.  ``claim`` is how the attach claims the volume (dst/fence/claims.py); an
     ``own`` claim refused because another node holds the volume is retried for up to
-    ``claim_wait_s`` seconds.  The first connection must succeed (so size and limits are
+    ``claim_wait_s`` seconds.  A request unanswered for ``request_timeout_s`` breaks its link
+    (RemoteConfig).  The first connection must succeed (so size and limits are
     known) unless ``must_connect`` is False; later outages are ridden out as the module
     docstring describes.
     """
@@ -547,6 +549,7 @@ async def open_remote(
         alternates=tuple(servers[1:]),
         failfast_timeout_s=failfast_timeout_s,
         claim=claim,
+        request_timeout_s=request_timeout_s,
     )
     remote = RemoteVolume(config)
     first: Link | None = None
