@@ -27,6 +27,7 @@ from dst.wire import (
     Attach,
     Attached,
     Connection,
+    Errno,
     Goodbye,
     Hello,
     Message,
@@ -144,6 +145,16 @@ class Link:
                 await self.framed.skip_data(prefix.data_len)
                 call[1].append(msg)
                 call[0].set()
+            elif isinstance(msg, Reply) and msg.errno == Errno.EEXIST:
+                # the answer to a network-made copy of a request (Connection): the request
+                # itself is still in flight and will be answered
+                log.warning(
+                    "server=%s tid=%d sub=%d event=duplicate_frame",
+                    self.server_node,
+                    msg.tid,
+                    msg.sub,
+                )
+                await self.framed.skip_data(prefix.data_len)
             elif isinstance(msg, Reply):
                 cmd = self.owner.on_reply(msg)
                 if cmd is None:  # answered already (e.g. duplicate after resend)

@@ -171,6 +171,8 @@ class Connection:
         self._negotiated: Negotiated | None = None
         self._inflight: dict[Key, Message] = {}
         self._dups: dict[Key, int] = {}  # duplicates owed an EEXIST reply (server)
+        #: EEXIST answers to copies of our requests the network made (client)
+        self.duplicates_answered = 0
         self._received: set[Key] = set()  # writes whose Received has crossed
         self._we_closed = False
 
@@ -304,6 +306,11 @@ class Connection:
             pending = self._inflight.get(key)
             if pending is None:
                 raise RemoteProtocolError(f"{_name(msg)} {key}: no such request in flight")
+            if isinstance(msg, Reply) and msg.errno == Errno.EEXIST:
+                # We sent this (tid, sub) once: the server saw it twice, so the network
+                # duplicated the frame.  This answers the copy; the original's follows.
+                self.duplicates_answered += 1
+                return msg
             self._check_answer(msg, pending, prefix.data_len, RemoteProtocolError)
             del self._inflight[key]
             self._received.discard(key)

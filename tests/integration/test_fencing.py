@@ -19,6 +19,7 @@ import trio
 
 from dst.admin import fetch_status
 from dst.net.endpoints import Address
+from tests.chaos.proxy import FaultProxy, writes
 from tests.integration.harness import (
     DstProcess,
     free_port,
@@ -96,7 +97,8 @@ async def the_late_write_is_fenced(
         bridge(tmp_path, "bridge-a", a_servers or servers) as a,
         bridge(tmp_path, "bridge-b", servers, "--takeover") as b,
     ):
-        a.start()
+        # in a thread: the loop may be running a proxy in front of the server
+        await trio.to_thread.run_sync(a.start)
         script = tmp_path / "late_writer.py"
         script.write_text(LATE_WRITER)
         late = await trio.lowlevel.open_process(
@@ -115,8 +117,8 @@ async def the_late_write_is_fenced(
 
             plain = bridge(tmp_path, "bridge-c", servers, "--claim-wait", "0")
             with plain as c, pytest.raises(RuntimeError, match="held by bridge-a"):
-                c.start()  # an ordinary claim is refused while A's session lives
-            b.start()  # --takeover: the epoch moves on
+                await trio.to_thread.run_sync(c.start)  # refused while A's session lives
+            await trio.to_thread.run_sync(b.start)  # --takeover: the epoch moves on
             await run(["nbdsh", "-u", uri(b), "-c", WRITE_B], debian=True)
 
             release(a)
@@ -199,3 +201,29 @@ async def test_teeth_a_build_without_the_epoch_check_lets_the_late_write_land(
         assert block0(server.data_dir) == b"A" * BLOCK  # invariant 4 broken: B's write undone
         doc = await fetch_status(server.address, None)
         assert doc["requests"].get("stale_writes", 0) == 0
+
+
+async def test_a_write_held_by_a_proxy_then_released_is_refused(tmp_path: Path) -> None:
+    """The seed's hazard exactly: A is alive and well, but its write frame is held in the
+    network (tests/chaos/proxy.py, frame-aware) while B takes over and writes; when the proxy
+    lets it go, on A's same connection, the server refuses it (one stale write) and A's
+    client gets an error; B's block stays."""
+    with server_process(tmp_path) as server:
+        server.start()
+        proxy = FaultProxy(server.address, seed=1)
+        proxy.upstream.only = writes  # pings pass: A's link stays up while its write waits
+        async with trio.open_nursery() as nursery:
+            via = await nursery.start(proxy.serve)
+            await the_late_write_is_fenced(
+                tmp_path,
+                [server.address],
+                a_servers=[via],
+                hold=lambda a: setattr(proxy.upstream, "hold", True),
+                release=lambda a: proxy.upstream.release(),
+            )
+            proxy.close()
+        assert proxy.counts["hold"] == 1  # one write frame was held, and let go
+        assert block0(server.data_dir) == b"B" * BLOCK
+        doc = await fetch_status(server.address, None)
+        assert doc["requests"]["stale_writes"] == 1
+        assert doc["volumes"]["vol0"]["epoch"] == 3

@@ -628,3 +628,18 @@ def test_only_protocol_errors_escape() -> None:
     conn = server_in("ready")
     with pytest.raises(ProtocolError):
         conn.receive(prefix(Goodbye(0)), Welcome(1, "s", "replica", 4096, {}, (), 1))
+
+
+def test_a_client_keeps_waiting_after_the_eexist_answer_to_a_network_duplicate() -> None:
+    """A correct client sends each (tid, sub) once, so an EEXIST answer can only be the
+    server's answer to a copy the network made: the request stays in flight, and the
+    original's own answer completes it."""
+    client = client_in("ready")
+    dup = Reply(2, 0, Errno.EEXIST, "(tid, sub) (2, 0) already in flight")
+    assert client.receive(prefix(dup), dup) == dup
+    assert client.outstanding == len(IN_FLIGHT) and client.duplicates_answered == 1
+    done = Reply(2, 0, 0)
+    assert client.receive(prefix(done, 4096), done) == done
+    assert client.outstanding == len(IN_FLIGHT) - 1
+    with pytest.raises(RemoteProtocolError, match="no such request"):
+        client.receive(prefix(done, 4096), done)
