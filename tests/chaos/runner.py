@@ -24,6 +24,7 @@ import trio
 from dst.admin import fetch_status, promote
 from dst.block.faults import FAULTS_ENV, power_loss, write_spec
 from dst.errors import BlockError
+from dst.net.endpoints import Address
 from tests.chaos.checker import Fence, Result, check
 from tests.chaos.history import Op, load
 from tests.chaos.schedules import Fault, Schedule
@@ -31,6 +32,7 @@ from tests.integration.harness import (
     DstProcess,
     ServerProcess,
     bridge_process,
+    free_port,
     pair_processes,
     wait_in_sync,
 )
@@ -45,6 +47,8 @@ class Report:
     resume_s: list[float] = field(default_factory=list)
     resync_bytes: int = 0
     elapsed_s: float = 0.0
+    #: writes the servers refused as fenced (ESTALE; an NBD client only sees EIO)
+    stale_refused: int = 0
 
     def figures(self) -> str:
         r = self.result
@@ -54,6 +58,7 @@ class Report:
             f"faults injected: {dict(self.faults) or 'none'}",
             f"kills that straddled in-flight writes: {self.straddled}",
             *(f"{k}: {v}" for k, v in r.figures().items()),
+            f"fenced writes refused by the servers: {self.stale_refused}",
             f"resync bytes after heal: {self.resync_bytes}",
             "time to resume after heal: "
             + (f"max {max(self.resume_s):.2f}s" if self.resume_s else "-"),
@@ -76,6 +81,9 @@ class Run:
         self.next_writer = 1
         self.t0 = 0.0
         self.bridge: DstProcess | None = None
+        self.others: list[DstProcess] = []  # bridges started by a takeover
+        #: the epoch the bridge in use writes at, for the workloads' histories (migration)
+        self.epoch: int | None = None
         self.primary: ServerProcess
         self.secondary: ServerProcess
 
@@ -91,6 +99,8 @@ class Run:
         argv = [sys.executable, "-m", "tests.chaos.workload", "--target", target]
         argv += ["--writer", str(w), "--seed", str(self.s.seed), "--history", str(hist)]
         argv += ["--duration", f"{max(duration, 0.5):.2f}", "--region", str(self.s.region)]
+        if self.epoch is not None:
+            argv += ["--epoch", str(self.epoch)]
         with open(self.dir / f"workload-{w}.log", "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=log)
         self.workloads[w] = (proc, hist)
@@ -144,11 +154,47 @@ class Run:
         self.servers.append(back)
         self.primary, self.secondary = self.secondary, back
 
+    async def volume_epoch(self) -> int:
+        doc = await fetch_status(self.primary.address, None)
+        return int(doc["volumes"]["vol0"]["epoch"])
+
+    async def take_over(self, fault: Fault) -> float:
+        """Seed 002: bridge A frozen with writes in flight; B claims the volume with
+        --takeover (the fence: epoch persisted on both replicas, older writes drained) and a
+        workload writes through B; A resumed, its late writes must bounce.  Returns when A
+        was resumed."""
+        a = self.bridge
+        assert a is not None
+        self.report.straddled += self.in_flight_writes() > 0
+        a.kill(signal.SIGSTOP)
+        self.report.faults["SIGSTOP bridge A"] += 1
+        address = Address("127.0.0.1", free_port())
+        name = f"bridge-{len(self.others) + 2}"
+        b = DstProcess(
+            ["nbd", "--listen", str(address), "--server", str(self.primary.address),
+             "--server", str(self.secondary.address), "--volume", "vol0", "--insecure",
+             "--takeover", "--node-id", name],
+            address,
+            self.dir / f"{name}.log",
+        )  # fmt: skip
+        self.others.append(b)
+        await trio.to_thread.run_sync(b.start)  # it listens once it holds the volume
+        self.epoch = await self.volume_epoch()
+        self.fences.append(Fence(time.monotonic(), self.epoch))
+        self.report.faults["takeover by bridge B"] += 1
+        self.bridge = b
+        self.start_workload(self.s.window_s - (time.monotonic() - self.t0))
+        await trio.sleep(fault.down_s + 0.5)
+        a.kill(signal.SIGCONT)
+        return time.monotonic()
+
     async def fault(self, fault: Fault, crash: bool) -> None:
         kind = self.s.target
-        if kind != "disk":
+        if kind not in ("disk", "bridge-takeover"):
             self.report.faults[f"{'crash-point' if crash else 'SIGKILL'} {kind}"] += 1
-        if kind == "disk":
+        if kind == "bridge-takeover":
+            heal = await self.take_over(fault)
+        elif kind == "disk":
             # bad blocks under the first quarter of the region on the primary, then healed
             spec = self.dir / "faults.json"
             write_spec(spec, eio_read=[[0, self.s.region // 4]])
@@ -212,10 +258,33 @@ class Run:
             else:
                 await self.start(victim)
                 heal = time.monotonic()
-        await trio.sleep(0.5)
-        resume = self.first_ack_after(heal)
-        if resume is not None:
-            self.report.resume_s.append(resume)
+            if self.s.resync_interrupted and "DST_CRASH_AT" in self.primary.env:
+                heal = await self.resync_source_dies()
+        # time to resume: the first write acknowledged after the heal (a client backing off
+        # between reconnects may take a while; give up when the workloads have ended)
+        with trio.move_on_after(15):
+            while True:
+                await trio.sleep(0.25)
+                resume = self.first_ack_after(heal)
+                if resume is not None:
+                    self.report.resume_s.append(resume)
+                    break
+                if all(p.poll() is not None for p, _ in self.workloads.values()):
+                    break
+
+    async def resync_source_dies(self) -> float:
+        """The secondary is back and being resynced; the primary, armed at resync.mid,
+        dies after copying some extents; it restarts (still primary) and the resync goes
+        on from what its bitmap still says.  Returns when it was restarted."""
+        if not await self.wait_death(self.primary, 20):
+            self.report.faults["crash point not reached primary"] += 1
+            return time.monotonic()
+        self.report.faults["crash-point primary resync.mid"] += 1
+        self.report.straddled += self.in_flight_writes() > 0
+        self.primary.env.pop("DST_CRASH_AT")
+        await trio.sleep(0.2)
+        await self.start(self.primary)
+        return time.monotonic()
 
     async def run(self) -> Report:
         began = time.monotonic()
@@ -223,7 +292,7 @@ class Run:
             self.primary, self.secondary = primary, secondary
             self.servers = [primary, secondary]
             try:
-                if self.s.name == "kill-bridge":
+                if self.s.name in ("kill-bridge", "migration"):
                     with bridge_process(
                         self.dir, primary.address, "vol0", "--server", str(secondary.address)
                     ) as self.bridge:
@@ -231,6 +300,8 @@ class Run:
                 else:
                     await self._run()
             finally:
+                for bridge in self.others:
+                    bridge.stop()
                 for proc, _ in self.workloads.values():
                     if proc.poll() is None:
                         proc.kill()
@@ -246,6 +317,8 @@ class Run:
         await wait_in_sync(self.primary.address)
         if self.bridge is not None:
             await trio.to_thread.run_sync(self.bridge.start)
+            if self.s.target == "bridge-takeover":
+                self.epoch = await self.volume_epoch()
         cp = self.s.crash_point
         if self.s.power_loss or self.s.target == "disk":
             side = self.secondary if self.s.target == "secondary" else self.primary
@@ -270,10 +343,16 @@ class Run:
             await trio.to_thread.run_sync(side.stop)
             await self.start(side)
             await wait_in_sync(self.primary.address)
+        if self.s.resync_interrupted:
+            self.primary.env["DST_CRASH_AT"] = f"resync.mid:{self.s.crash_hit}"
+            await trio.to_thread.run_sync(self.primary.stop)
+            await self.start(self.primary)
+            await wait_in_sync(self.primary.address)
         self.t0 = time.monotonic()
         for _ in range(self.s.workloads):
             self.start_workload(self.s.window_s)
-        faults = self.s.faults[:1] if cp else self.s.faults
+        one = cp or self.s.resync_interrupted or self.s.target == "bridge-takeover"
+        faults = self.s.faults[:1] if one else self.s.faults
         for f in faults:
             if not cp:
                 await trio.sleep(max(0.0, self.t0 + f.at - time.monotonic()))
@@ -285,6 +364,7 @@ class Run:
             if sp.proc is None or sp.proc.poll() is not None:
                 await self.start(sp)
         doc = await wait_in_sync(self.primary.address, timeout_s=90)
+        self.report.stale_refused = int(doc["requests"].get("stale_writes", 0))
         resync = doc["volumes"]["vol0"].get("resync") or {}
         self.report.resync_bytes = int(resync.get("total_bytes", 0))
         with open(self.primary.data_dir / "vol0.img", "rb") as img:

@@ -24,6 +24,12 @@ TARGETS = {
     # losing power, the secondary's page cache surviving): the secondary restarts, is
     # promoted, and must hold every write the primary acknowledged
     "kill-both-promote": "both",
+    # the secondary killed, then the primary dies at a crash point in the middle of the
+    # resync that brings it back (an extent copied, the pass unfinished), and restarts
+    "resync-interrupted": "secondary",
+    # seed 002 under load: bridge A frozen (SIGSTOP) with writes in flight, bridge B takes
+    # the volume over (--takeover) and writes, A resumed: its late writes must bounce
+    "migration": "bridge-takeover",
     "bad-blocks-primary": "disk",
 }
 #: which side hits each crash point
@@ -70,8 +76,12 @@ class Schedule:
         rng = random.Random(f"{self.name}/{self.seed}")
         n = rng.randint(1, self.max_faults)
         self.crash_hit = rng.randint(30, 400)  # the Nth pass through the crash point dies
+        if self.resync_interrupted:
+            self.crash_hit = rng.randint(1, 8)  # the Nth extent of the resync (<= 32 dirty)
         # spread the faults over the first 70% of the window, leaving time to heal under load
-        slots = sorted(rng.uniform(0.8, self.window_s * 0.7) for _ in range(n))
+        # (40% when the heal has two steps: the secondary's restart, then the primary's)
+        late = 0.4 if self.resync_interrupted else 0.7
+        slots = sorted(rng.uniform(0.8, self.window_s * late) for _ in range(n))
         gap = 3.0 if self.name.endswith("-promote") else 1.5
         at = 0.0
         for t in slots:
@@ -85,6 +95,11 @@ class Schedule:
         return self.name.startswith("power-loss-")
 
     @property
+    def resync_interrupted(self) -> bool:
+        """The primary is armed at ``resync.mid`` and dies in the resync the kill causes."""
+        return self.name == "resync-interrupted"
+
+    @property
     def target(self) -> str:
         """The process the schedule kills (a crash point may name the other side)."""
         if self.crash_point is not None:
@@ -95,8 +110,13 @@ class Schedule:
         if self.crash_point:
             how, times = f"crash point {self.crash_point}", f"pass {self.crash_hit} through it"
         else:
-            how = "EIO reads, then healed" if self.target == "disk" else "SIGKILL at random times"
+            how = {
+                "disk": "EIO reads, then healed",
+                "bridge-takeover": "SIGSTOP bridge A, bridge B takes over, SIGCONT A",
+            }.get(self.target, "SIGKILL at random times")
             times = "planned at " + ", ".join(f"{f.at:.2f}s" for f in self.faults)
+        if self.resync_interrupted:
+            how += f", then the primary at resync.mid, extent {self.crash_hit}"
         bad = f"; BROKEN BUILD {self.broken}" if self.broken else ""
         return f"{self.name} ({how}; {times}{bad})"
 
@@ -113,4 +133,6 @@ ROTATION = [
     ("power-loss-primary-promote", None),
     ("bad-blocks-primary", None),
     ("kill-both-promote", None),
+    ("resync-interrupted", None),
+    ("migration", None),
 ]

@@ -29,6 +29,8 @@ SEEDS = {
     ("power-loss-primary-promote", None): 1,
     ("bad-blocks-primary", None): 1,
     ("kill-both-promote", None): 1,
+    ("resync-interrupted", None): 1,
+    ("migration", None): 1,
 }
 
 
@@ -52,6 +54,9 @@ async def test_schedule_keeps_every_invariant(
         assert r.ops_failed >= 1  # reads of the bad blocks failed, as they must
     elif name in ("kill-client", "kill-bridge"):
         assert r.ops_unknown >= 1  # the kill left operations without an answer
+    elif name == "migration":
+        assert report.stale_refused >= 1  # A's late writes reached the server and bounced
+        assert r.ops_failed >= 1  # and A's users got errors for them, not successes
     else:
         assert report.resync_bytes > 0  # the returning side was resynced
     assert report.resume_s and max(report.resume_s) < 10

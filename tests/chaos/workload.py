@@ -68,7 +68,9 @@ class Workload:
         roll = self.rng.random()
         if roll < 0.65:
             first, n = self.pick_write()
-            epoch = int(getattr(self.vol, "epoch", 0))
+            epoch = self.args.epoch
+            if epoch is None:
+                epoch = int(getattr(self.vol, "epoch", 0))
             rid = self.history.invoke("write", first * SECTOR, n, epoch=epoch)
             data = encode_run(self.args.volume_id, first, n, self.args.writer, rid, epoch)
             await self.run(rid, Bio.from_buffer(Op.WRITE, first * SECTOR, data))
@@ -143,6 +145,11 @@ async def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--region", type=int, default=2 << 20)
     p.add_argument("--volume-id", type=int, default=0)
+    p.add_argument(
+        "--epoch",
+        type=int,
+        help="the epoch an nbd:// target's bridge writes at (a dst:// client knows its own)",
+    )
     args = p.parse_args(argv)
     scheme, servers, volume = parse_target(args.target)
     if scheme == "nbd":
