@@ -27,6 +27,7 @@ from dst.errors import BlockError
 from dst.net.endpoints import Address
 from tests.chaos.checker import Fence, Result, check
 from tests.chaos.history import Op, load
+from tests.chaos.proxy import FaultProxy
 from tests.chaos.schedules import Fault, Schedule
 from tests.integration.harness import (
     DstProcess,
@@ -82,6 +83,7 @@ class Run:
         self.t0 = 0.0
         self.bridge: DstProcess | None = None
         self.others: list[DstProcess] = []  # bridges started by a takeover
+        self.proxy: FaultProxy | None = None  # on the replication link (proxy-replication)
         #: the epoch the bridge in use writes at, for the workloads' histories (migration)
         self.epoch: int | None = None
         self.primary: ServerProcess
@@ -190,10 +192,12 @@ class Run:
 
     async def fault(self, fault: Fault, crash: bool) -> None:
         kind = self.s.target
-        if kind not in ("disk", "bridge-takeover"):
+        if kind not in ("disk", "bridge-takeover", "link"):
             self.report.faults[f"{'crash-point' if crash else 'SIGKILL'} {kind}"] += 1
         if kind == "bridge-takeover":
             heal = await self.take_over(fault)
+        elif kind == "link":
+            heal = await self.frame_faults(fault)
         elif kind == "disk":
             # bad blocks under the first quarter of the region on the primary, then healed
             spec = self.dir / "faults.json"
@@ -297,6 +301,8 @@ class Run:
                         self.dir, primary.address, "vol0", "--server", str(secondary.address)
                     ) as self.bridge:
                         await self._run()
+                elif self.s.target == "link":
+                    await self._run_behind_proxy()
                 else:
                     await self._run()
             finally:
@@ -310,6 +316,32 @@ class Run:
                     sp.stop()
         self.report.elapsed_s = time.monotonic() - began
         return self.report
+
+    async def _run_behind_proxy(self) -> None:
+        """The primary replicates through a FaultProxy in front of the secondary."""
+        self.proxy = FaultProxy(self.secondary.address, seed=self.s.seed)
+        async with trio.open_nursery() as nursery:
+            via = await nursery.start(self.proxy.serve)
+            argv = self.primary.argv
+            argv[argv.index("--peer") + 1] = str(via)
+            await self._run()
+            self.proxy.close()
+        for what, n in self.proxy.counts.items():
+            self.report.faults[f"proxy {what}"] += n
+
+    async def frame_faults(self, fault: Fault) -> float:
+        """Damage the replication link's frames for a while, reset it, heal; returns when
+        healed.  Every flipped bit must be caught by a crc and break the link, every copy
+        be refused; the primary degrades, relinks and resyncs what the peer may lack."""
+        assert self.proxy is not None
+        self.report.straddled += self.in_flight_writes() > 0
+        for d in (self.proxy.upstream, self.proxy.downstream):
+            d.bitflip_p, d.duplicate_p, d.replay_p = 0.002, 0.02, 0.02
+        await trio.sleep(fault.down_s * 3)
+        self.proxy.reset()
+        for d in (self.proxy.upstream, self.proxy.downstream):
+            d.bitflip_p = d.duplicate_p = d.replay_p = 0.0
+        return time.monotonic()
 
     async def _run(self) -> None:
         await self.start(self.secondary)

@@ -30,6 +30,9 @@ TARGETS = {
     # seed 002 under load: bridge A frozen (SIGSTOP) with writes in flight, bridge B takes
     # the volume over (--takeover) and writes, A resumed: its late writes must bounce
     "migration": "bridge-takeover",
+    # frame faults on the replication link (tests/chaos/proxy.py between primary and
+    # secondary): bit flips, duplicated and replayed frames both ways, then a reset
+    "proxy-replication": "link",
     "bad-blocks-primary": "disk",
 }
 #: which side hits each crash point
@@ -113,6 +116,7 @@ class Schedule:
             how = {
                 "disk": "EIO reads, then healed",
                 "bridge-takeover": "SIGSTOP bridge A, bridge B takes over, SIGCONT A",
+                "link": "replication link frames flipped, duplicated, replayed, then reset",
             }.get(self.target, "SIGKILL at random times")
             times = "planned at " + ", ".join(f"{f.at:.2f}s" for f in self.faults)
         if self.resync_interrupted:
@@ -135,4 +139,5 @@ ROTATION = [
     ("kill-both-promote", None),
     ("resync-interrupted", None),
     ("migration", None),
+    ("proxy-replication", None),
 ]

@@ -31,6 +31,7 @@ SEEDS = {
     ("kill-both-promote", None): 1,
     ("resync-interrupted", None): 1,
     ("migration", None): 1,
+    ("proxy-replication", None): 1,
 }
 
 
