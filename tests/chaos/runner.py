@@ -10,6 +10,7 @@ it starts is killed by pid in a ``finally``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -50,6 +51,7 @@ class Report:
     elapsed_s: float = 0.0
     #: writes the servers refused as fenced (ESTALE; an NBD client only sees EIO)
     stale_refused: int = 0
+    slowest_write_s: float = 0.0
 
     def figures(self) -> str:
         r = self.result
@@ -60,6 +62,7 @@ class Report:
             f"kills that straddled in-flight writes: {self.straddled}",
             *(f"{k}: {v}" for k, v in r.figures().items()),
             f"fenced writes refused by the servers: {self.stale_refused}",
+            f"slowest acknowledged write: {self.slowest_write_s:.2f}s",
             f"resync bytes after heal: {self.resync_bytes}",
             "time to resume after heal: "
             + (f"max {max(self.resume_s):.2f}s" if self.resume_s else "-"),
@@ -192,12 +195,14 @@ class Run:
 
     async def fault(self, fault: Fault, crash: bool) -> None:
         kind = self.s.target
-        if kind not in ("disk", "bridge-takeover", "link"):
+        if kind not in ("disk", "bridge-takeover", "link", "leg"):
             self.report.faults[f"{'crash-point' if crash else 'SIGKILL'} {kind}"] += 1
         if kind == "bridge-takeover":
             heal = await self.take_over(fault)
         elif kind == "link":
             heal = await self.frame_faults(fault)
+        elif kind == "leg":
+            heal = await self.freeze_leg(fault)
         elif kind == "disk":
             # bad blocks under the first quarter of the region on the primary, then healed
             spec = self.dir / "faults.json"
@@ -291,6 +296,8 @@ class Run:
         return time.monotonic()
 
     async def run(self) -> Report:
+        if self.s.target == "leg":
+            return await self.run_mirror()
         began = time.monotonic()
         with pair_processes(self.dir) as (primary, secondary):
             self.primary, self.secondary = primary, secondary
@@ -316,6 +323,75 @@ class Run:
                     sp.stop()
         self.report.elapsed_s = time.monotonic() - began
         return self.report
+
+    # -- the failfast mirror (seed 004) ------------------------------------------------------
+
+    def legs(self) -> list[dict[str, object]]:
+        try:
+            doc = json.loads((self.dir / "mirror-state" / "vol0.mirror.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return []
+        legs: list[dict[str, object]] = doc["legs"]
+        return legs
+
+    async def wait_leg_in_sync(self, timeout_s: float) -> dict[str, object]:
+        with trio.fail_after(timeout_s):
+            while True:
+                legs = self.legs()
+                if len(legs) == 2 and all(leg["state"] == "in_sync" for leg in legs):
+                    return legs[1]
+                await trio.sleep(0.1)
+
+    async def run_mirror(self) -> Report:
+        """Two plain servers (legs A and B, as ``primary`` and ``secondary``) behind a
+        ``dst nbd --mirror`` bridge; the workloads write through the bridge; leg B is frozen
+        past the failfast deadline and resumed; the checker reads leg A's file and compares
+        both legs' files once B is back in sync."""
+        began = time.monotonic()
+        self.primary, self.secondary = (
+            ServerProcess(self.dir / n, free_port(), "vol0=64M", self.dir / f"{n}.log")
+            for n in ("leg-a", "leg-b")
+        )
+        self.servers = [self.primary, self.secondary]
+        extra = ["--server", str(self.secondary.address), "--mirror"]
+        extra += ["--state-dir", str(self.dir / "mirror-state")]
+        try:
+            with bridge_process(self.dir, self.primary.address, "vol0", *extra) as self.bridge:
+                for sp in self.servers:
+                    await self.start(sp)
+                await trio.to_thread.run_sync(self.bridge.start)
+                await self.wait_leg_in_sync(30)
+                self.t0 = time.monotonic()
+                for _ in range(self.s.workloads):
+                    self.start_workload(self.s.window_s)
+                for f in self.s.faults[:1]:
+                    await trio.sleep(max(0.0, self.t0 + f.at - time.monotonic()))
+                    await self.fault(f, crash=False)
+                with trio.fail_after(self.s.window_s + 90):
+                    for proc, _ in list(self.workloads.values()):
+                        await trio.to_thread.run_sync(proc.wait)
+                leg = await self.wait_leg_in_sync(90)
+                self.report.resync_bytes = int(leg["resynced_bytes"])  # type: ignore[call-overload]
+        finally:
+            for proc, _ in self.workloads.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+            for sp in self.servers:
+                sp.stop()
+        self.check()
+        self.report.elapsed_s = time.monotonic() - began
+        return self.report
+
+    async def freeze_leg(self, fault: Fault) -> float:
+        """Leg B frozen (SIGSTOP: its connection stays open, nothing answers) for longer than
+        the failfast deadline (1 s), then resumed; returns when it was resumed."""
+        self.report.straddled += self.in_flight_writes() > 0
+        self.secondary.kill(signal.SIGSTOP)
+        self.report.faults["SIGSTOP mirror leg"] += 1
+        await trio.sleep(fault.down_s + 1.5)
+        self.secondary.kill(signal.SIGCONT)
+        return time.monotonic()
 
     async def _run_behind_proxy(self) -> None:
         """The primary replicates through a FaultProxy in front of the secondary."""
@@ -399,9 +475,20 @@ class Run:
         self.report.stale_refused = int(doc["requests"].get("stale_writes", 0))
         resync = doc["volumes"]["vol0"].get("resync") or {}
         self.report.resync_bytes = int(resync.get("total_bytes", 0))
+        self.check()
+
+    def check(self) -> None:
         with open(self.primary.data_dir / "vol0.img", "rb") as img:
             image = img.read(self.s.region)
         ops: list[Op] = load(h for h in self.histories if h.exists())
+        self.report.slowest_write_s = max(
+            (
+                op.completed - op.invoked
+                for op in ops
+                if op.op == "write" and op.ok and op.completed
+            ),
+            default=0.0,
+        )
         self.report.result = check(
             ops,
             image,

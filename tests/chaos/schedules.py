@@ -33,6 +33,9 @@ TARGETS = {
     # frame faults on the replication link (tests/chaos/proxy.py between primary and
     # secondary): bit flips, duplicated and replayed frames both ways, then a reset
     "proxy-replication": "link",
+    # seed 004: a failfast mirror bridge (dst nbd --mirror) over two plain servers; one
+    # leg frozen (SIGSTOP) under load past the failfast deadline, then resumed and resynced
+    "mirror-leg-frozen": "leg",
     "bad-blocks-primary": "disk",
 }
 #: which side hits each crash point
@@ -117,6 +120,7 @@ class Schedule:
                 "disk": "EIO reads, then healed",
                 "bridge-takeover": "SIGSTOP bridge A, bridge B takes over, SIGCONT A",
                 "link": "replication link frames flipped, duplicated, replayed, then reset",
+                "leg": "SIGSTOP mirror leg B past the failfast deadline, then SIGCONT",
             }.get(self.target, "SIGKILL at random times")
             times = "planned at " + ", ".join(f"{f.at:.2f}s" for f in self.faults)
         if self.resync_interrupted:
@@ -140,4 +144,5 @@ ROTATION = [
     ("resync-interrupted", None),
     ("migration", None),
     ("proxy-replication", None),
+    ("mirror-leg-frozen", None),
 ]

@@ -32,6 +32,7 @@ SEEDS = {
     ("resync-interrupted", None): 1,
     ("migration", None): 1,
     ("proxy-replication", None): 1,
+    ("mirror-leg-frozen", None): 1,
 }
 
 
