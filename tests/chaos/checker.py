@@ -8,6 +8,11 @@ with no reply (the process died) or a failed write may have landed: it is concur
 everything after its invocation — unless a fence bounds it: a write of epoch e cannot land
 after a fence to an epoch > e completed, so the fence's time is its latest possible landing.
 
+A power cut on every replica at once (``power_cuts``) may take what no FLUSH made stable, as
+a disk's volatile cache may: an acknowledged write that no FLUSH invoked after its ack had
+completed by the cut becomes a "maybe" (:func:`volatile_at_cuts`).  Everything a completed
+FLUSH covered must survive — skipping the fsync is caught there.
+
 Invariants checked (numbers as in TESTING.md):
 
 1. the final content of each sector is not older than the last acknowledged write to it;
@@ -27,7 +32,7 @@ import errno as errno_mod
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tests.chaos.history import Op
@@ -68,6 +73,8 @@ class Result:
     divergence_bytes: int = 0
     resync_bytes: int | None = None
     dirty_bytes: int | None = None
+    #: acknowledged writes no FLUSH had made stable by a power cut on every replica
+    volatile_writes: int = 0
     violations: list[Violation] = field(default_factory=list)
 
     @property
@@ -94,6 +101,7 @@ class Result:
             "fenced writes rejected": self.fenced_rejected,
             "replica divergence bytes": self.divergence_bytes,
             "resync bytes / dirty bytes": f"{self.resync_bytes} / {self.dirty_bytes}",
+            "acked writes unflushed at a power cut of both (may be lost)": self.volatile_writes,
             "violations": len(self.violations),
         }
 
@@ -264,6 +272,31 @@ def divergence(a: Path, b: Path, chunk: int = 1 << 20) -> int:
                 diff += sum(1 for i in range(n) if ca[i] != cb[i]) + abs(len(ca) - len(cb))
 
 
+def volatile_at_cuts(ops: list[Op], cuts: Sequence[float]) -> tuple[list[Op], int]:
+    """``ops`` with every acknowledged write that no completed FLUSH covered at a power cut
+    turned into a "maybe" (no reply), and how many there were.  A FLUSH covers the writes
+    acknowledged before it was sent (dst's FLUSH syncs the whole volume on every replica, so
+    any connection's FLUSH counts)."""
+    flushes = [op for op in ops if op.op == "flush" and op.ok and op.completed is not None]
+    # per cut: the latest invocation of a FLUSH that had completed by then
+    covered = [
+        max(
+            (f.invoked for f in flushes if f.completed is not None and f.completed <= t),
+            default=-INF,
+        )
+        for t in cuts
+    ]
+    out, n = [], 0
+    for op in ops:
+        if op.op == "write" and op.ok and op.completed is not None:
+            done = op.completed
+            if any(done <= t and done > c for t, c in zip(cuts, covered, strict=True)):
+                op = replace(op, ok=None, completed=None)
+                n += 1
+        out.append(op)
+    return out, n
+
+
 def check(
     ops: Iterable[Op],
     image: bytes | memoryview | None = None,
@@ -274,9 +307,12 @@ def check(
     resync_bytes: int | None = None,
     dirty_bytes: int | None = None,
     volume: int = 0,
+    power_cuts: Sequence[float] = (),
 ) -> Result:
     """Run every check; the result's ``violations`` is empty when all invariants hold."""
-    c = Checker(list(ops), fences, volume)
+    checked, volatile = volatile_at_cuts(list(ops), power_cuts)
+    c = Checker(checked, fences, volume)
+    c.result.volatile_writes = volatile
     c.check_reads()
     if image is not None:
         c.check_final(image, first_sector)

@@ -87,6 +87,7 @@ class Run:
         self.bridge: DstProcess | None = None
         self.others: list[DstProcess] = []  # bridges started by a takeover
         self.proxy: FaultProxy | None = None  # on the replication link (proxy-replication)
+        self.power_cuts: list[float] = []  # when every replica lost power at once
         #: the epoch the bridge in use writes at, for the workloads' histories (migration)
         self.epoch: int | None = None
         self.primary: ServerProcess
@@ -193,6 +194,15 @@ class Run:
         a.kill(signal.SIGCONT)
         return time.monotonic()
 
+    def cut_power(self, victim: ServerProcess, kind: str) -> None:
+        """``victim`` (killed) loses every write its store had not synced (dst/block/faults.py)."""
+        if FAULTS_ENV not in victim.env:
+            return  # a process started without the storage shim (rejoined after a failover)
+        journal = victim.data_dir.parent / f"{victim.data_dir.name}.journal"
+        lost = power_loss(victim.data_dir / "vol0.img", journal, torn_seed=self.s.seed)
+        self.report.faults[f"power loss {kind}"] += 1
+        self.report.faults["unsynced writes rolled back"] += lost.writes_rolled_back
+
     async def fault(self, fault: Fault, crash: bool) -> None:
         kind = self.s.target
         if kind not in ("disk", "bridge-takeover", "link", "leg"):
@@ -234,11 +244,20 @@ class Run:
             # acknowledged write must already be on the secondary when that dies too
             self.primary.kill(signal.SIGKILL)
             self.secondary.kill(signal.SIGKILL)
-            await trio.sleep(fault.down_s)
-            await self.start(self.secondary)
-            await self.fail_over()
-            heal = time.monotonic()
-            await self.start(self.secondary)
+            if self.s.power_loss:  # both lose what they had not synced; both come back
+                self.power_cuts.append(time.monotonic())
+                self.cut_power(self.primary, "primary")
+                self.cut_power(self.secondary, "secondary")
+                await trio.sleep(fault.down_s)
+                await self.start(self.secondary)
+                await self.start(self.primary)
+                heal = time.monotonic()
+            else:
+                await trio.sleep(fault.down_s)
+                await self.start(self.secondary)
+                await self.fail_over()
+                heal = time.monotonic()
+                await self.start(self.secondary)
         else:
             victim = self.primary if kind == "primary" else self.secondary
             if kind == "primary" and self.s.name.endswith("-promote"):
@@ -251,11 +270,8 @@ class Run:
             else:
                 self.report.straddled += self.in_flight_writes() > 0
                 victim.kill(signal.SIGKILL)
-            if self.s.power_loss and FAULTS_ENV in victim.env:
-                journal = victim.data_dir.parent / f"{victim.data_dir.name}.journal"
-                lost = power_loss(victim.data_dir / "vol0.img", journal, torn_seed=self.s.seed)
-                self.report.faults[f"power loss {kind}"] += 1
-                self.report.faults["unsynced writes rolled back"] += lost.writes_rolled_back
+            if self.s.power_loss:
+                self.cut_power(victim, kind)
             if crash:
                 self.report.straddled += self.in_flight_writes() > 0
             victim.env.pop("DST_CRASH_AT", None)
@@ -429,13 +445,18 @@ class Run:
                 self.epoch = await self.volume_epoch()
         cp = self.s.crash_point
         if self.s.power_loss or self.s.target == "disk":
-            side = self.secondary if self.s.target == "secondary" else self.primary
-            spec = self.dir / "faults.json"
-            journal = side.data_dir.parent / f"{side.data_dir.name}.journal"
-            write_spec(spec, journal=str(journal)) if self.s.power_loss else write_spec(spec)
-            side.env[FAULTS_ENV] = str(spec)
-            await trio.to_thread.run_sync(side.stop)
-            await self.start(side)
+            sides = [self.secondary if self.s.target == "secondary" else self.primary]
+            if self.s.target == "both":
+                sides = [self.primary, self.secondary]
+            for side in sides:
+                spec = self.dir / "faults.json"
+                if len(sides) > 1:
+                    spec = self.dir / f"faults-{side.data_dir.name}.json"
+                journal = side.data_dir.parent / f"{side.data_dir.name}.journal"
+                write_spec(spec, journal=str(journal)) if self.s.power_loss else write_spec(spec)
+                side.env[FAULTS_ENV] = str(spec)
+                await trio.to_thread.run_sync(side.stop)
+                await self.start(side)
             await wait_in_sync(self.primary.address)
         if self.s.slow_secondary_s:
             spec = self.dir / "slow-secondary.json"
@@ -494,6 +515,7 @@ class Run:
             image,
             fences=self.fences,
             replicas=[self.primary.data_dir / "vol0.img", self.secondary.data_dir / "vol0.img"],
+            power_cuts=self.power_cuts,
         )
 
 

@@ -24,6 +24,8 @@ TARGETS = {
     # losing power, the secondary's page cache surviving): the secondary restarts, is
     # promoted, and must hold every write the primary acknowledged
     "kill-both-promote": "both",
+    # every replica loses power at once: what no FLUSH covered may go, nothing else
+    "power-loss-both": "both",
     # the secondary killed, then the primary dies at a crash point in the middle of the
     # resync that brings it back (an extent copied, the pass unfinished), and restarts
     "resync-interrupted": "secondary",
@@ -145,4 +147,5 @@ ROTATION = [
     ("migration", None),
     ("proxy-replication", None),
     ("mirror-leg-frozen", None),
+    ("power-loss-both", None),
 ]

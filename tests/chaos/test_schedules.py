@@ -33,6 +33,7 @@ SEEDS = {
     ("migration", None): 1,
     ("proxy-replication", None): 1,
     ("mirror-leg-frozen", None): 1,
+    ("power-loss-both", None): 1,
 }
 
 
@@ -83,6 +84,18 @@ async def test_checker_catches_skipped_fsync_after_a_power_loss(tmp_path: Path) 
     print(report.figures())
     assert 5 in {v.invariant for v in report.result.violations}, report.figures()
     assert report.result.divergence_bytes > 0
+
+
+async def test_checker_catches_skipped_fsync_when_both_replicas_lose_power(tmp_path: Path) -> None:
+    """Teeth: with every replica's power cut at once, writes a FLUSH had covered are gone
+    when the FLUSH did not sync (invariant 1); only unflushed ones may go (the real build's
+    run of the same schedule in the tier above loses none of the others)."""
+    schedule = Schedule("power-loss-both", 1, window_s=7.0)
+    schedule.broken = "skip-fsync"
+    report = await run_schedule(schedule, tmp_path)
+    print(report.figures())
+    assert 1 in {v.invariant for v in report.result.violations}, report.figures()
+    assert report.result.acked_writes_lost > 0
 
 
 async def test_checker_catches_eio_answered_as_zeros(tmp_path: Path) -> None:

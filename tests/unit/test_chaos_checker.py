@@ -149,3 +149,16 @@ def test_replica_divergence_and_resync_bound(tmp_path: Path) -> None:
     res = check([], replicas=[a, b], resync_bytes=8192, dirty_bytes=4096)
     assert invariants(res) == {5} and res.divergence_bytes == 96 and len(res.violations) == 2
     assert check([], replicas=[a, a], resync_bytes=4096, dirty_bytes=4096).ok
+
+
+def test_a_power_cut_of_both_may_take_only_what_no_flush_covered() -> None:
+    """Writes 1 (flushed by 3 before the cut at t=10) and 2 (acked after 3 was sent): after
+    a cut of every replica, sector 0 losing write 2 is legal, sector 1 losing write 1 is not."""
+    flush = Op(1, 3, "flush", 0, 0, 4.0, completed=5.0, ok=True)
+    ops = [w(1, 1, 1, 1, 1.0, 2.0), w(1, 2, 0, 1, 4.5, 6.0), flush]
+    assert check(ops, image((1, 1, 1, 1)), power_cuts=[10.0]).ok  # write 2 gone: legal
+    lost = check(ops, image(), power_cuts=[10.0])  # write 1 gone too: it was flushed
+    assert invariants(lost) == {1} and lost.acked_writes_lost == 1
+    assert lost.volatile_writes == 1
+    # without a cut, losing write 2 is a violation as ever
+    assert invariants(check(ops, image((1, 1, 1, 1)))) == {1}
