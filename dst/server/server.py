@@ -133,6 +133,17 @@ class Server:
                 "the primary is still connected to this secondary; stop it first "
                 "(or promote with force)",
             )
+        if not force and self.config.peer is not None:
+            # No link is not proof of death: a primary behind a partition goes on writing
+            # alone, and promoting here would make a split brain with acknowledged writes on
+            # both sides.  Only a refused connection says its server is down.
+            alive = await primary_may_be_alive(self.config.peer)
+            if alive is not None:
+                raise BlockError(
+                    errno.EBUSY,
+                    f"the primary {self.config.peer} {alive}; stop it first, or promote "
+                    "with force once you are sure it is down (else: split brain)",
+                )
         state = volume.state
         assert state is not None and self._nursery is not None
         if state.generations.inconsistent:
@@ -223,3 +234,25 @@ class Server:
             with trio.CancelScope(shield=True):
                 for volume in self.volumes.values():
                     await volume.aclose()
+
+
+#: how long promote waits for the old primary's port to answer or refuse
+PROBE_TIMEOUT_S = 2.0
+
+
+async def primary_may_be_alive(address: Address) -> str | None:
+    """None when ``address`` refuses TCP connections (no server listens: the primary is down);
+    otherwise why it may be alive (it accepts connections, or it cannot be reached at all)."""
+    try:
+        with trio.move_on_after(PROBE_TIMEOUT_S):
+            stream = await trio.open_tcp_stream(address.host, address.port)
+            await stream.aclose()
+            return "accepts connections: it is running"
+        return f"did not answer within {PROBE_TIMEOUT_S:.0f} s: it may be alive behind a partition"
+    except OSError as exc:
+        # open_tcp_stream wraps each address's error in one "all attempts failed"
+        inner = getattr(exc.__cause__, "exceptions", None) or [exc]
+        if all(getattr(e, "errno", None) == errno.ECONNREFUSED for e in inner):
+            return None
+        why = "; ".join(str(e) for e in inner)
+        return f"cannot be reached ({why}): it may be alive behind a partition"

@@ -145,3 +145,25 @@ async def test_two_primaries_refuse_each_other_then_resolve(tmp_path: Path) -> N
     finally:
         a.stop()
         b.stop()
+
+
+async def test_promote_refuses_while_the_primary_may_still_be_alive(tmp_path: Path) -> None:
+    """Invariant 9: a split brain never acknowledges writes on both sides unless the operator
+    forces it.  The primary hangs (SIGSTOP; its listening socket still accepts) and the
+    secondary restarts, so no replication link is left to say "busy": promote still
+    refuses, because the primary's port answers.  Killed, the port refuses: promote works."""
+    with pair_processes(tmp_path) as (a, b):
+        b.start()
+        a.start()
+        await wait_in_sync(a.address)
+        a.kill(signal.SIGSTOP)
+        restart_as(b, "secondary")
+        argv = [sys.executable, "-m", "dst", "promote", "--server", str(b.address)]
+        argv += ["--volume", "vol0"]
+        refused = await run(argv, check=False)
+        assert refused.returncode != 0
+        assert "EBUSY" in text(refused) and f"{a.address} accepts connections" in text(refused)
+        assert (await fetch_status(b.address, None))["role"] == "secondary"
+        a.kill(signal.SIGKILL)
+        await run(argv)  # the port refuses now: the primary is down
+        assert (await fetch_status(b.address, None))["role"] == "primary"
