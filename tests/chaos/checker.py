@@ -13,6 +13,10 @@ a disk's volatile cache may: an acknowledged write that no FLUSH invoked after i
 completed by the cut becomes a "maybe" (:func:`volatile_at_cuts`).  Everything a completed
 FLUSH covered must survive — skipping the fsync is caught there.
 
+A split brain the operator resolved (``discards``) throws away what the losing side's
+writers had acknowledged while the sides were apart: those writes become "maybes" too, and
+are counted; every other acknowledged write must survive the resolution.
+
 Invariants checked (numbers as in TESTING.md):
 
 1. the final content of each sector is not older than the last acknowledged write to it;
@@ -50,6 +54,16 @@ class Fence:
 
 
 @dataclass(frozen=True)
+class Discard:
+    """The writes ``writers`` had acknowledged in ``(start, end]`` went to a split brain's
+    losing side, which the operator's resolution overwrote."""
+
+    writers: frozenset[int]
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
 class Violation:
     invariant: int
     what: str
@@ -75,6 +89,8 @@ class Result:
     dirty_bytes: int | None = None
     #: acknowledged writes no FLUSH had made stable by a power cut on every replica
     volatile_writes: int = 0
+    #: acknowledged writes on a split brain's losing side, discarded by its resolution
+    discarded_writes: int = 0
     violations: list[Violation] = field(default_factory=list)
 
     @property
@@ -102,6 +118,7 @@ class Result:
             "replica divergence bytes": self.divergence_bytes,
             "resync bytes / dirty bytes": f"{self.resync_bytes} / {self.dirty_bytes}",
             "acked writes unflushed at a power cut of both (may be lost)": self.volatile_writes,
+            "acked writes on a split brain's losing side (discarded)": self.discarded_writes,
             "violations": len(self.violations),
         }
 
@@ -297,6 +314,24 @@ def volatile_at_cuts(ops: list[Op], cuts: Sequence[float]) -> tuple[list[Op], in
     return out, n
 
 
+def discarded_by_resolution(ops: list[Op], discards: Sequence[Discard]) -> tuple[list[Op], int]:
+    """``ops`` with the writes each Discard names turned into "maybes", and how many.  The
+    losing side's reads in that time are left out: they saw its own, discarded history."""
+    out, n = [], 0
+    for op in ops:
+        done = op.completed
+        lost = done is not None and any(
+            op.writer in d.writers and d.start < done <= d.end for d in discards
+        )
+        if lost and op.op == "write" and op.ok:
+            op = replace(op, ok=None, completed=None)
+            n += 1
+        elif lost and op.op == "read":
+            continue
+        out.append(op)
+    return out, n
+
+
 def check(
     ops: Iterable[Op],
     image: bytes | memoryview | None = None,
@@ -308,11 +343,14 @@ def check(
     dirty_bytes: int | None = None,
     volume: int = 0,
     power_cuts: Sequence[float] = (),
+    discards: Sequence[Discard] = (),
 ) -> Result:
     """Run every check; the result's ``violations`` is empty when all invariants hold."""
     checked, volatile = volatile_at_cuts(list(ops), power_cuts)
+    checked, discarded = discarded_by_resolution(checked, discards)
     c = Checker(checked, fences, volume)
     c.result.volatile_writes = volatile
+    c.result.discarded_writes = discarded
     c.check_reads()
     if image is not None:
         c.check_final(image, first_sector)

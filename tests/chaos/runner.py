@@ -22,11 +22,11 @@ from pathlib import Path
 
 import trio
 
-from dst.admin import fetch_status, promote
+from dst.admin import fetch_status, promote, resolve
 from dst.block.faults import FAULTS_ENV, power_loss, write_spec
 from dst.errors import BlockError
 from dst.net.endpoints import Address
-from tests.chaos.checker import Fence, Result, check
+from tests.chaos.checker import Discard, Fence, Result, check
 from tests.chaos.history import Op, load
 from tests.chaos.proxy import FaultProxy
 from tests.chaos.schedules import Fault, Schedule
@@ -88,6 +88,8 @@ class Run:
         self.others: list[DstProcess] = []  # bridges started by a takeover
         self.proxy: FaultProxy | None = None  # on the replication link (proxy-replication)
         self.power_cuts: list[float] = []  # when every replica lost power at once
+        self.discards: list[Discard] = []  # what split-brain resolutions threw away
+        self.back_proxy: FaultProxy | None = None  # secondary -> primary (split-brain)
         #: the epoch the bridge in use writes at, for the workloads' histories (migration)
         self.epoch: int | None = None
         self.primary: ServerProcess
@@ -95,11 +97,14 @@ class Run:
 
     # -- workloads -----------------------------------------------------------------------
 
-    def start_workload(self, duration: float) -> None:
+    def start_workload(self, duration: float, servers: str | None = None) -> None:
+        """A workload process writing for ``duration`` through the bridge, or as a dst client
+        of ``servers`` (default: both; it follows the primary)."""
         w = self.next_writer
         self.next_writer += 1
         hist = self.dir / f"history-{w}.jsonl"
-        target = f"dst://{self.primary.address},{self.secondary.address}/vol0"
+        servers = servers or f"{self.primary.address},{self.secondary.address}"
+        target = f"dst://{servers}/vol0"
         if self.bridge is not None:
             target = f"nbd://{self.bridge.address}/vol0"
         argv = [sys.executable, "-m", "tests.chaos.workload", "--target", target]
@@ -205,12 +210,14 @@ class Run:
 
     async def fault(self, fault: Fault, crash: bool) -> None:
         kind = self.s.target
-        if kind not in ("disk", "bridge-takeover", "link", "leg"):
+        if kind not in ("disk", "bridge-takeover", "link", "leg", "split"):
             self.report.faults[f"{'crash-point' if crash else 'SIGKILL'} {kind}"] += 1
         if kind == "bridge-takeover":
             heal = await self.take_over(fault)
         elif kind == "link":
             heal = await self.frame_faults(fault)
+        elif kind == "split":
+            heal = await self.split_brain(fault)
         elif kind == "leg":
             heal = await self.freeze_leg(fault)
         elif kind == "disk":
@@ -324,7 +331,7 @@ class Run:
                         self.dir, primary.address, "vol0", "--server", str(secondary.address)
                     ) as self.bridge:
                         await self._run()
-                elif self.s.target == "link":
+                elif self.s.target in ("link", "split"):
                     await self._run_behind_proxy()
                 else:
                     await self._run()
@@ -410,16 +417,76 @@ class Run:
         return time.monotonic()
 
     async def _run_behind_proxy(self) -> None:
-        """The primary replicates through a FaultProxy in front of the secondary."""
+        """The primary replicates through a FaultProxy in front of the secondary (and, for a
+        split brain, the secondary's peer address is a second one in front of the primary)."""
         self.proxy = FaultProxy(self.secondary.address, seed=self.s.seed)
         async with trio.open_nursery() as nursery:
             via = await nursery.start(self.proxy.serve)
             argv = self.primary.argv
             argv[argv.index("--peer") + 1] = str(via)
+            if self.s.target == "split":
+                self.back_proxy = FaultProxy(self.primary.address, seed=self.s.seed)
+                back = await nursery.start(self.back_proxy.serve)
+                argv = self.secondary.argv
+                argv[argv.index("--peer") + 1] = str(back)
             await self._run()
-            self.proxy.close()
+            nursery.cancel_scope.cancel()
         for what, n in self.proxy.counts.items():
             self.report.faults[f"proxy {what}"] += n
+
+    def partition(self, apart: bool) -> None:
+        """Cut (or heal) both directions between the pair: every frame vanishes, handshakes
+        too.  Either way the open connections are reset: cutting ends the links at once,
+        healing ends the attempts stuck in a swallowed handshake."""
+        for proxy in (self.proxy, self.back_proxy):
+            assert proxy is not None
+            for d in (proxy.upstream, proxy.downstream):
+                d.spare_handshake = not apart
+                d.blackhole = apart
+            proxy.reset()
+
+    async def split_brain(self, fault: Fault) -> float:
+        """The pair is cut apart with the primary alive.  An unforced promote of the
+        secondary must be refused (invariant 9); the operator forces it anyway and a client
+        writes there while the old primary's clients write on it.  Healed, the sides must
+        detect the split brain; the operator keeps the promoted side (``dst resolve``) and
+        restarts the other as its secondary, which throws away what that side acknowledged
+        while apart (told to the checker as a Discard).  Returns when resolved."""
+        old, new = self.primary, self.secondary
+        self.report.straddled += self.in_flight_writes() > 0
+        losers = frozenset(w for w, (p, _) in self.workloads.items() if p.poll() is None)
+        self.partition(True)
+        apart = time.monotonic()
+        self.report.faults["partition"] += 1
+        with trio.fail_after(20):
+            while True:
+                try:
+                    await promote(new.address, "vol0", None, force=False)
+                    self.report.faults["unforced promote ALLOWED while the primary lives"] += 1
+                    break
+                except BlockError as exc:
+                    if "may be alive" in str(exc) or "accepts connections" in str(exc):
+                        self.report.faults["unforced promote refused"] += 1
+                        break
+                    await trio.sleep(0.1)  # still connected: the reset not seen yet
+        await promote(new.address, "vol0", None, force=True)
+        self.report.faults["forced promote"] += 1
+        apart_s = fault.down_s * 2 + 1.0
+        self.start_workload(apart_s, servers=str(new.address))
+        await trio.sleep(apart_s)
+        self.partition(False)
+        with trio.move_on_after(20):
+            while "split_brain_suspected" not in new.log_path.read_text():
+                await trio.sleep(0.1)
+            self.report.faults["split brain detected"] += 1
+        await resolve(new.address, "vol0", None)
+        old.kill(signal.SIGTERM)  # a clean stop: what it had under way finishes first
+        await self.wait_death(old, 20)
+        self.discards.append(Discard(losers, apart, time.monotonic()))
+        old.argv[old.argv.index("--role") + 1] = "secondary"
+        await self.start(old)
+        self.primary, self.secondary = new, old
+        return time.monotonic()
 
     async def frame_faults(self, fault: Fault) -> float:
         """Damage the replication link's frames for a while, reset it, heal; returns when
@@ -480,7 +547,7 @@ class Run:
         self.t0 = time.monotonic()
         for _ in range(self.s.workloads):
             self.start_workload(self.s.window_s)
-        one = cp or self.s.resync_interrupted or self.s.target == "bridge-takeover"
+        one = cp or self.s.resync_interrupted or self.s.target in ("bridge-takeover", "split")
         faults = self.s.faults[:1] if one else self.s.faults
         for f in faults:
             if not cp:
@@ -516,6 +583,7 @@ class Run:
             fences=self.fences,
             replicas=[self.primary.data_dir / "vol0.img", self.secondary.data_dir / "vol0.img"],
             power_cuts=self.power_cuts,
+            discards=self.discards,
         )
 
 

@@ -38,6 +38,9 @@ TARGETS = {
     # seed 004: a failfast mirror bridge (dst nbd --mirror) over two plain servers; one
     # leg frozen (SIGSTOP) under load past the failfast deadline, then resumed and resynced
     "mirror-leg-frozen": "leg",
+    # the pair cut apart with the primary alive; promote refused, then forced; both sides
+    # written; healed: detected, resolved by command, the loser resynced from the survivor
+    "split-brain": "split",
     "bad-blocks-primary": "disk",
 }
 #: which side hits each crash point
@@ -88,7 +91,7 @@ class Schedule:
             self.crash_hit = rng.randint(1, 8)  # the Nth extent of the resync (<= 32 dirty)
         # spread the faults over the first 70% of the window, leaving time to heal under load
         # (40% when the heal has two steps: the secondary's restart, then the primary's)
-        late = 0.4 if self.resync_interrupted else 0.7
+        late = 0.4 if self.resync_interrupted or self.name == "split-brain" else 0.7
         slots = sorted(rng.uniform(0.8, self.window_s * late) for _ in range(n))
         gap = 3.0 if self.name.endswith("-promote") else 1.5
         at = 0.0
@@ -123,6 +126,7 @@ class Schedule:
                 "bridge-takeover": "SIGSTOP bridge A, bridge B takes over, SIGCONT A",
                 "link": "replication link frames flipped, duplicated, replayed, then reset",
                 "leg": "SIGSTOP mirror leg B past the failfast deadline, then SIGCONT",
+                "split": "partition, forced promote, both written, heal, resolve",
             }.get(self.target, "SIGKILL at random times")
             times = "planned at " + ", ".join(f"{f.at:.2f}s" for f in self.faults)
         if self.resync_interrupted:
@@ -148,4 +152,5 @@ ROTATION = [
     ("proxy-replication", None),
     ("mirror-leg-frozen", None),
     ("power-loss-both", None),
+    ("split-brain", None),
 ]

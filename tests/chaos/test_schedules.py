@@ -34,6 +34,7 @@ SEEDS = {
     ("proxy-replication", None): 1,
     ("mirror-leg-frozen", None): 1,
     ("power-loss-both", None): 1,
+    ("split-brain", None): 1,
 }
 
 
@@ -57,6 +58,11 @@ async def test_schedule_keeps_every_invariant(
         assert r.ops_failed >= 1  # reads of the bad blocks failed, as they must
     elif name in ("kill-client", "kill-bridge"):
         assert r.ops_unknown >= 1  # the kill left operations without an answer
+    elif name == "split-brain":
+        # invariant 9: only a forced promote split the pair, and the sides saw it on meeting
+        assert report.faults["unforced promote refused"] == 1, report.faults
+        assert report.faults["split brain detected"] == 1, report.faults
+        assert r.discarded_writes > 0 and report.resync_bytes > 0
     elif name == "migration":
         assert report.stale_refused >= 1  # A's late writes reached the server and bounced
         assert r.ops_failed >= 1  # and A's users got errors for them, not successes

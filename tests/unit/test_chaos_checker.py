@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
-from tests.chaos.checker import Fence, check, divergence
+from tests.chaos.checker import Discard, Fence, check, divergence
 from tests.chaos.history import HistoryWriter, Op, load
 from tests.chaos.sectors import SECTOR, Kind, Stamp, decode, decode_run, encode, encode_run
 
@@ -162,3 +162,21 @@ def test_a_power_cut_of_both_may_take_only_what_no_flush_covered() -> None:
     assert lost.volatile_writes == 1
     # without a cut, losing write 2 is a violation as ever
     assert invariants(check(ops, image((1, 1, 1, 1)))) == {1}
+
+
+def test_a_resolved_split_brain_discards_only_the_losing_side_while_apart() -> None:
+    """Apart in (10, 20]: writer 1 (the losing side) acked write 2 there and read it back;
+    writer 2 (the survivor's) acked write 1 to the same sector at t=12.  Resolved, the
+    sector holds writer 2's write: legal.  Writer 1's write 1, acked before the split, must
+    survive; and writer 2's losses are never excused."""
+    ops = [
+        w(1, 1, 1, 1, 1.0, 2.0),
+        w(2, 1, 0, 1, 11.0, 12.0),
+        w(1, 2, 0, 1, 13.0, 14.0),
+        r(1, 3, 0, [[1, 2]], 15.0, 16.0),  # the losing side's own history
+    ]
+    apart = [Discard(frozenset({1}), 10.0, 20.0)]
+    kept = check(ops, image((0, 1, 2, 1), (1, 1, 1, 1)), discards=apart)
+    assert kept.ok and kept.discarded_writes == 1
+    assert invariants(check(ops, image((0, 1, 2, 1)), discards=apart)) == {1}  # write 1:1 lost
+    assert invariants(check(ops, image((1, 1, 1, 1)), discards=apart)) == {1}  # 2:1 lost
