@@ -336,16 +336,20 @@ class Run:
                 else:
                     await self._run()
             finally:
-                for bridge in self.others:
-                    bridge.stop()
-                for proc, _ in self.workloads.values():
-                    if proc.poll() is None:
-                        proc.kill()
-                        proc.wait(10)
-                for sp in self.servers:
-                    sp.stop()
+                self.stop_all()
         self.report.elapsed_s = time.monotonic() - began
         return self.report
+
+    def stop_all(self) -> None:
+        """Kill by pid every process this run started (also when it failed)."""
+        for bridge in self.others:
+            bridge.stop()
+        for proc, _ in self.workloads.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        for sp in self.servers:
+            sp.stop()
 
     # -- the failfast mirror (seed 004) ------------------------------------------------------
 
@@ -396,12 +400,7 @@ class Run:
                 leg = await self.wait_leg_in_sync(90)
                 self.report.resync_bytes = int(leg["resynced_bytes"])  # type: ignore[call-overload]
         finally:
-            for proc, _ in self.workloads.values():
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(10)
-            for sp in self.servers:
-                sp.stop()
+            self.stop_all()
         self.check()
         self.report.elapsed_s = time.monotonic() - began
         return self.report
