@@ -35,7 +35,7 @@ from __future__ import annotations
 import errno as errno_mod
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -289,47 +289,51 @@ def divergence(a: Path, b: Path, chunk: int = 1 << 20) -> int:
                 diff += sum(1 for i in range(n) if ca[i] != cb[i]) + abs(len(ca) - len(cb))
 
 
+def _maybes(ops: list[Op], lost: Callable[[Op], bool]) -> tuple[list[Op], int]:
+    """``ops`` with every acknowledged write ``lost`` names turned into a "maybe" (no reply),
+    and how many; a read ``lost`` names is left out (it saw a history that was thrown away)."""
+    out, n = [], 0
+    for op in ops:
+        if op.completed is not None and op.op in ("write", "read") and op.ok and lost(op):
+            if op.op == "read":
+                continue
+            op = replace(op, ok=None, completed=None)
+            n += 1
+        out.append(op)
+    return out, n
+
+
 def volatile_at_cuts(ops: list[Op], cuts: Sequence[float]) -> tuple[list[Op], int]:
     """``ops`` with every acknowledged write that no completed FLUSH covered at a power cut
-    turned into a "maybe" (no reply), and how many there were.  A FLUSH covers the writes
-    acknowledged before it was sent (dst's FLUSH syncs the whole volume on every replica, so
-    any connection's FLUSH counts)."""
+    turned into a "maybe", and how many there were.  A FLUSH covers the writes acknowledged
+    before it was sent (dst's FLUSH syncs the whole volume on every replica, so any
+    connection's FLUSH counts)."""
     flushes = [op for op in ops if op.op == "flush" and op.ok and op.completed is not None]
     # per cut: the latest invocation of a FLUSH that had completed by then
     covered = [
-        max(
-            (f.invoked for f in flushes if f.completed is not None and f.completed <= t),
-            default=-INF,
-        )
+        max((f.invoked for f in flushes if f.completed is not None and f.completed <= t),
+            default=-INF)
         for t in cuts
-    ]
-    out, n = [], 0
-    for op in ops:
-        if op.op == "write" and op.ok and op.completed is not None:
-            done = op.completed
-            if any(done <= t and done > c for t, c in zip(cuts, covered, strict=True)):
-                op = replace(op, ok=None, completed=None)
-                n += 1
-        out.append(op)
-    return out, n
+    ]  # fmt: skip
+
+    def lost(op: Op) -> bool:
+        done = op.completed
+        assert done is not None
+        return op.op == "write" and any(c < done <= t for t, c in zip(cuts, covered, strict=True))
+
+    return _maybes(ops, lost)
 
 
 def discarded_by_resolution(ops: list[Op], discards: Sequence[Discard]) -> tuple[list[Op], int]:
     """``ops`` with the writes each Discard names turned into "maybes", and how many.  The
     losing side's reads in that time are left out: they saw its own, discarded history."""
-    out, n = [], 0
-    for op in ops:
+
+    def lost(op: Op) -> bool:
         done = op.completed
-        lost = done is not None and any(
-            op.writer in d.writers and d.start < done <= d.end for d in discards
-        )
-        if lost and op.op == "write" and op.ok:
-            op = replace(op, ok=None, completed=None)
-            n += 1
-        elif lost and op.op == "read":
-            continue
-        out.append(op)
-    return out, n
+        assert done is not None
+        return any(op.writer in d.writers and d.start < done <= d.end for d in discards)
+
+    return _maybes(ops, lost)
 
 
 def check(

@@ -340,6 +340,21 @@ class Run:
         self.report.elapsed_s = time.monotonic() - began
         return self.report
 
+    async def load_with_faults(self, faults: list[Fault]) -> None:
+        """Start the workloads, apply ``faults`` at their planned times (a crash point's when
+        the code reaches it), and wait for the workloads to end."""
+        crash = self.s.crash_point is not None
+        self.t0 = time.monotonic()
+        for _ in range(self.s.workloads):
+            self.start_workload(self.s.window_s)
+        for f in faults:
+            if not crash:
+                await trio.sleep(max(0.0, self.t0 + f.at - time.monotonic()))
+            await self.fault(f, crash=crash)
+        with trio.fail_after(self.s.window_s + 90):
+            for proc, _ in list(self.workloads.values()):
+                await trio.to_thread.run_sync(proc.wait)
+
     def stop_all(self) -> None:
         """Kill by pid every process this run started (also when it failed)."""
         for bridge in self.others:
@@ -388,15 +403,7 @@ class Run:
                     await self.start(sp)
                 await trio.to_thread.run_sync(self.bridge.start)
                 await self.wait_leg_in_sync(30)
-                self.t0 = time.monotonic()
-                for _ in range(self.s.workloads):
-                    self.start_workload(self.s.window_s)
-                for f in self.s.faults[:1]:
-                    await trio.sleep(max(0.0, self.t0 + f.at - time.monotonic()))
-                    await self.fault(f, crash=False)
-                with trio.fail_after(self.s.window_s + 90):
-                    for proc, _ in list(self.workloads.values()):
-                        await trio.to_thread.run_sync(proc.wait)
+                await self.load_with_faults(self.s.faults[:1])
                 leg = await self.wait_leg_in_sync(90)
                 self.report.resync_bytes = int(leg["resynced_bytes"])  # type: ignore[call-overload]
         finally:
@@ -543,18 +550,8 @@ class Run:
             await trio.to_thread.run_sync(self.primary.stop)
             await self.start(self.primary)
             await wait_in_sync(self.primary.address)
-        self.t0 = time.monotonic()
-        for _ in range(self.s.workloads):
-            self.start_workload(self.s.window_s)
         one = cp or self.s.resync_interrupted or self.s.target in ("bridge-takeover", "split")
-        faults = self.s.faults[:1] if one else self.s.faults
-        for f in faults:
-            if not cp:
-                await trio.sleep(max(0.0, self.t0 + f.at - time.monotonic()))
-            await self.fault(f, crash=cp is not None)
-        with trio.fail_after(self.s.window_s + 90):
-            for proc, _ in list(self.workloads.values()):
-                await trio.to_thread.run_sync(proc.wait)
+        await self.load_with_faults(self.s.faults[:1] if one else self.s.faults)
         for sp in (self.primary, self.secondary):
             if sp.proc is None or sp.proc.poll() is not None:
                 await self.start(sp)
