@@ -1,6 +1,7 @@
 """A small Trio NBD client for the chaos workload's ``nbd://`` target.
 
-Fixed newstyle handshake with NBD_OPT_EXPORT_NAME and simple replies, requests pipelined
+Fixed newstyle handshake (NBD_OPT_STARTTLS first when given a ``dst certs`` directory, as
+the lab's bridges require) with NBD_OPT_EXPORT_NAME and simple replies, requests pipelined
 (queue depth > 1), replies matched by cookie.  It presents ``submit(bio)`` like dst's block
 layers, so the workload drives it the same way as a RemoteVolume.  When the connection dies
 (the bridge was killed) every request without a reply raises :class:`Lost` — its outcome is
@@ -11,15 +12,14 @@ Constants come from dst.nbd.protocol.
 from __future__ import annotations
 
 import itertools
-import struct
+from pathlib import Path
 
 import trio
 
 from dst.block import Bio, Op
 from dst.errors import BlockError
 from dst.nbd import protocol as p
-
-_OPT_EXPORT_NAME = struct.Struct(">QII")
+from dst.security.tls import TlsConfig, client_context
 
 
 class Lost(Exception):
@@ -27,18 +27,19 @@ class Lost(Exception):
 
 
 class NbdVolume:
-    def __init__(self, host: str, port: int, export: str) -> None:
+    def __init__(self, host: str, port: int, export: str, tls: Path | None = None) -> None:
         self.host, self.port, self.export = host, port, export
+        self.tls = TlsConfig.load(tls) if tls is not None else None
         self.epoch = 0
         self.size = 0
-        self._stream: trio.SocketStream | None = None
+        self._stream: trio.abc.Stream | None = None
         self._pending: dict[int, tuple[trio.Event, list[object]]] = {}
         self._cookies = itertools.count(1)
         self._send_lock = trio.Lock()
         self._connect_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
-    async def _recv_exactly(self, stream: trio.SocketStream, n: int) -> bytearray:
+    async def _recv_exactly(self, stream: trio.abc.Stream, n: int) -> bytearray:
         buf = bytearray()
         while len(buf) < n:
             chunk = await stream.receive_some(n - len(buf))
@@ -55,26 +56,38 @@ class NbdVolume:
             with trio.fail_after(timeout_s):
                 while True:
                     try:
-                        stream = await trio.open_tcp_stream(self.host, self.port)
-                        await self._handshake(stream)
+                        stream = await self._handshake(
+                            await trio.open_tcp_stream(self.host, self.port)
+                        )
                         break
                     except (OSError, trio.BrokenResourceError):
                         await trio.sleep(0.1)
             self._stream = stream
             nursery.start_soon(self._reader, stream)
 
-    async def _handshake(self, stream: trio.SocketStream) -> None:
+    async def _handshake(self, tcp: trio.SocketStream) -> trio.abc.Stream:
+        stream: trio.abc.Stream = tcp
         magic, opt, flags = p.GREETING.unpack(await self._recv_exactly(stream, p.GREETING.size))
         if magic != p.NBDMAGIC or opt != p.IHAVEOPT or not flags & p.FLAG_FIXED_NEWSTYLE:
             raise trio.BrokenResourceError("not a fixed-newstyle NBD server")
         await stream.send_all(p.CLIENT_FLAGS.pack(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES))
+        if self.tls is not None:
+            await stream.send_all(p.OPTION_HEADER.pack(p.IHAVEOPT, p.Option.STARTTLS, 0))
+            ack = await self._recv_exactly(stream, p.OPTION_REPLY_HEADER.size)
+            magic, _opt, rep, length = p.OPTION_REPLY_HEADER.unpack(ack)
+            if magic != p.OPTION_REPLY_MAGIC or rep != p.Reply.ACK or length:
+                raise trio.BrokenResourceError(f"STARTTLS refused (reply {rep:#x})")
+            tls = trio.SSLStream(tcp, client_context(self.tls), server_hostname=self.host)
+            await tls.do_handshake()
+            stream = tls
         name = self.export.encode()
-        head = _OPT_EXPORT_NAME.pack(p.IHAVEOPT, p.Option.EXPORT_NAME, len(name))
+        head = p.OPTION_HEADER.pack(p.IHAVEOPT, p.Option.EXPORT_NAME, len(name))
         await stream.send_all(head + name)
         reply = await self._recv_exactly(stream, p.EXPORT_NAME_REPLY.size)
         self.size, _flags = p.EXPORT_NAME_REPLY.unpack(reply)
+        return stream
 
-    async def _reader(self, stream: trio.SocketStream) -> None:
+    async def _reader(self, stream: trio.abc.Stream) -> None:
         try:
             while True:
                 head = await self._recv_exactly(stream, p.SIMPLE_REPLY.size)

@@ -10,46 +10,91 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from lab import Lab, lab_namespaces, pid_alive
 
+from tests.chaos.checker import Result, check
+from tests.chaos.history import load
 from tests.integration.harness import same_files
 
 LAB_PY = Path(__file__).resolve().parents[2] / "deploy" / "lab" / "lab.py"
 MiB = 1 << 20
 
-# Random 64 KiB writes in the first 16 MiB for SECONDS, a flush every 16; prints the bytes
-# and the slowest write (with its flush).
-LOAD = """
-import os, random, sys, time
-rng = random.Random(int(sys.argv[2]))
-h.set_uri_allow_local_file(True)
-h.connect_uri(sys.argv[1])
-end, total, n, worst = time.monotonic() + float(sys.argv[3]), 0, 0, 0.0
-while time.monotonic() < end:
-    t = time.monotonic()
-    h.pwrite(os.urandom(65536), rng.randrange(256) * 65536)
-    total, n = total + 65536, n + 1
-    if n % 16 == 0:
-        h.flush()
-    worst = max(worst, time.monotonic() - t)
-h.flush()
-print(total, worst)
-"""
+REGION = 16 * MiB  # the chaos workload's region: what partitions leave out of sync
 
 
-def load_argv(lab: Lab, seed: int, seconds: float) -> list[str]:
-    return [
-        "nbdsh",
-        "-c",
-        "import sys",
-        "-c",
-        LOAD.replace("sys.argv[1]", repr(lab.nbd_uri()))
-        .replace("int(sys.argv[2])", str(seed))
-        .replace("float(sys.argv[3])", str(seconds)),
-    ]
+class LabLoad:
+    """Chaos workloads (tests/chaos/workload.py) on the bridge host, through its NBD export
+    over STARTTLS; then the chaos checker over their histories, the primary's data and both
+    replicas, with the run's figures printed in the chaos format."""
+
+    def __init__(self, lab: Lab, seed: int, seconds: float, writers: int = 2) -> None:
+        self.lab, self.seed = lab, seed
+        self.faults: Counter[str] = Counter()
+        self.heals: list[float] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.histories = [lab.dir / f"history-{w}.jsonl" for w in range(1, writers + 1)]
+        env = {**os.environ, "PATH": "/usr/bin:" + os.environ.get("PATH", "")}
+        env["PYTHONPATH"] = str(LAB_PY.parents[2])
+        for w, hist in enumerate(self.histories, 1):
+            argv = ["ip", "netns", "exec", lab.ns("bridge"), sys.executable, "-m"]
+            argv += ["tests.chaos.workload", "--target", "nbd://127.0.0.1:10809/vol0"]
+            argv += ["--tls", str(lab.pki / "app"), "--writer", str(w), "--seed", str(seed)]
+            argv += ["--history", str(hist), "--duration", str(seconds), "--region", str(REGION)]
+            with open(lab.dir / f"workload-{w}.log", "ab") as log:
+                self.procs.append(subprocess.Popen(argv, stdout=log, stderr=log, env=env))
+
+    def __enter__(self) -> LabLoad:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+    def wait(self, timeout_s: float = 90) -> None:
+        for proc in self.procs:
+            assert proc.wait(timeout_s) == 0, (self.lab.dir / "workload-1.log").read_text()
+
+    def partition(self, host: str) -> None:
+        self.lab.partition(host)
+        self.faults[f"silent partition {host}"] += 1
+
+    def heal(self, host: str) -> None:
+        self.lab.heal(host)
+        self.heals.append(time.monotonic())
+
+    def check(
+        self, in_sync_s: float, dirty_bytes: int | None = None, resync_bytes: int | None = None
+    ) -> Result:
+        """Every TESTING.md invariant over what the workloads saw and what the pair holds."""
+        ops = load(self.histories)
+        with open(self.lab.data_file("a"), "rb") as img:
+            image = img.read(REGION)
+        replicas = [self.lab.data_file("a"), self.lab.data_file("b")]
+        result = check(
+            ops, image, replicas=replicas, dirty_bytes=dirty_bytes, resync_bytes=resync_bytes
+        )
+        acks = sorted(op.completed for op in ops if op.op == "write" and op.ok and op.completed)
+        resume = [next((a - h for a in acks if a > h), None) for h in self.heals]
+        slowest = max(op.completed - op.invoked for op in ops if op.ok and op.completed)
+        print(f"\nseed: {self.seed}\nfaults injected: {dict(self.faults)}")
+        for key, value in result.figures().items():
+            print(f"{key}: {value}")
+        print(f"slowest acknowledged operation: {slowest:.2f}s")
+        print(
+            "time to resume after heal: "
+            + ", ".join("-" if r is None else f"{r:.2f}s" for r in resume)
+            + f"; in sync {in_sync_s:.1f}s after the last heal"
+        )
+        print(f"verdict: {'OK' if result.ok else 'VIOLATIONS'}")
+        assert result.ok, result.violations[:10]
+        self.slowest = slowest
+        return result
 
 
 def start_all(lab: Lab) -> None:
@@ -83,27 +128,20 @@ def test_lab_comes_up_from_the_example_configs(tmp_path: Path) -> None:
 def test_silent_partition_of_the_secondary_under_write_load(tmp_path: Path) -> None:
     with Lab(tmp_path) as lab:
         start_all(lab)
-        lab.partition("b")
-        # longer than the peer request timeout (10 s): the primary must degrade, not stall
-        out = lab.exec("bridge", load_argv(lab, 1, 15), timeout_s=60).stdout.split()
-        written, stall = int(out[0]), float(out[1])
-        assert stall < 14  # one stall of about the peer timeout, then degraded writes
-        vol = lab.status("a")["volumes"]["vol0"]
-        assert vol["connection"] != "connected"
-        dirty = vol["out_of_sync_bytes"]
-        assert 0 < dirty <= 16 * MiB  # only the extents written while degraded
-        healed = time.monotonic()
-        lab.heal("b")
-        after = lab.wait_in_sync("a", timeout_s=50)["volumes"]["vol0"]
-        resumed = time.monotonic() - healed
-        print(
-            f"lab partition: written {written} B, longest write {stall:.1f} s, "
-            f"out of sync {dirty} B, "
-            f"resync total {after['resync']['total_bytes']} B, in sync {resumed:.1f} s "
-            f"after heal"
-        )
-        lab.kill("bridge")
-        assert same_files(lab.data_file("a"), lab.data_file("b"))
+        with LabLoad(lab, seed=1, seconds=15) as work:
+            work.partition("b")
+            # longer than the peer request timeout (10 s): the primary must degrade, not stall
+            work.wait()
+            vol = lab.status("a")["volumes"]["vol0"]
+            assert vol["connection"] != "connected"
+            dirty = vol["out_of_sync_bytes"]
+            assert 0 < dirty <= REGION  # only the extents written while degraded
+            work.heal("b")
+            after = lab.wait_in_sync("a", timeout_s=50)["volumes"]["vol0"]
+            lab.kill("bridge")
+            resync = after["resync"]["total_bytes"]
+            work.check(time.monotonic() - work.heals[-1], dirty_bytes=dirty, resync_bytes=resync)
+            assert work.slowest < 14  # one stall of about the peer timeout, then degraded
     no_lab_left(lab)
 
 
@@ -111,32 +149,17 @@ def test_flapping_secondary_link_under_load(tmp_path: Path) -> None:
     rng = random.Random(7)
     with Lab(tmp_path) as lab:
         start_all(lab)
-        argv = ["ip", "netns", "exec", lab.ns("bridge"), *load_argv(lab, 2, 20)]
-        env = {**os.environ, "PATH": "/usr/bin:" + os.environ.get("PATH", "")}
-        load = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        try:
+        with LabLoad(lab, seed=2, seconds=20) as work:
             for _ in range(5):
                 time.sleep(rng.uniform(0.5, 2))
-                lab.partition("b")
+                work.partition("b")
                 time.sleep(rng.uniform(0.5, 3))
-                lab.heal("b")
-            out, err = load.communicate(timeout=60)
-        finally:
-            if load.poll() is None:
-                load.kill()
-                load.wait()
-        assert load.returncode == 0, err.decode(errors="replace")
-        written, stall = int(out.split()[0]), float(out.split()[1])
-        assert written > 0
-        healed = time.monotonic()
-        lab.wait_in_sync("a", timeout_s=50)
-        print(
-            f"lab flapping: written {written} B, longest write {stall:.1f} s, "
-            f"in sync {time.monotonic() - healed:.1f} s "
-            "after the last heal"
-        )
-        lab.kill("bridge")
-        assert same_files(lab.data_file("a"), lab.data_file("b"))
+                work.heal("b")
+            work.wait()
+            lab.wait_in_sync("a", timeout_s=50)
+            lab.kill("bridge")
+            result = work.check(time.monotonic() - work.heals[-1])
+            assert result.writes_acked > 0
     no_lab_left(lab)
 
 

@@ -150,11 +150,12 @@ async def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         help="the epoch an nbd:// target's bridge writes at (a dst:// client knows its own)",
     )
+    p.add_argument("--tls", type=Path, help="an nbd:// target over STARTTLS: a `dst certs` dir")
     args = p.parse_args(argv)
     scheme, servers, volume = parse_target(args.target)
     if scheme == "nbd":
         host, _, port = servers[0].rpartition(":")
-        nbd = NbdVolume(host, int(port), volume)
+        nbd = NbdVolume(host, int(port), volume, args.tls)
         async with trio.open_nursery() as outer:
             await nbd.connect(outer)
             wl = await drive(args, nbd)
