@@ -33,7 +33,8 @@ TARGETS = {
     # the volume over (--takeover) and writes, A resumed: its late writes must bounce
     "migration": "bridge-takeover",
     # frame faults on the replication link (tests/chaos/proxy.py between primary and
-    # secondary): bit flips, duplicated and replayed frames both ways, then a reset
+    # secondary): bit flips, duplicated, replayed, delayed and dropped frames both ways,
+    # then a silent black hole towards the secondary, then a reset
     "proxy-replication": "link",
     # seed 004: a failfast mirror bridge (dst nbd --mirror) over two plain servers; one
     # leg frozen (SIGSTOP) under load past the failfast deadline, then resumed and resynced
@@ -49,6 +50,9 @@ CRASH_SIDE = {
     "primary.after-peer-ack": "primary",
     "secondary.after-write-before-fsync": "secondary",
     "resync.mid": "primary",
+    # the primary dies inside bridge B's takeover claim: the new epoch fenced, drained and
+    # persisted on both replicas, B not yet told (schedule "migration" only)
+    "takeover.mid": "primary",
 }
 
 
@@ -82,6 +86,8 @@ class Schedule:
             raise ValueError(f"schedule {self.name!r}: one of {', '.join(TARGETS)}")
         if self.crash_point is not None and self.crash_point not in CRASH_SIDE:
             raise ValueError(f"crash point {self.crash_point!r}: one of {', '.join(CRASH_SIDE)}")
+        if self.crash_point and (self.crash_point == "takeover.mid") != self.migration:
+            raise ValueError("crash point takeover.mid goes with schedule migration, only")
         if self.power_loss:
             self.region = 32 << 20
         rng = random.Random(f"{self.name}/{self.seed}")
@@ -89,6 +95,8 @@ class Schedule:
         self.crash_hit = rng.randint(30, 400)  # the Nth pass through the crash point dies
         if self.resync_interrupted:
             self.crash_hit = rng.randint(1, 8)  # the Nth extent of the resync (<= 32 dirty)
+        if self.migration:
+            self.crash_hit = 1  # bridge B's takeover is the first claim that moves the epoch
         # spread the faults over the first 70% of the window, leaving time to heal under load
         # (40% when the heal has two steps: the secondary's restart, then the primary's)
         late = 0.4 if self.resync_interrupted or self.name == "split-brain" else 0.7
@@ -111,9 +119,13 @@ class Schedule:
         return self.name == "resync-interrupted"
 
     @property
+    def migration(self) -> bool:
+        return self.name == "migration"
+
+    @property
     def target(self) -> str:
         """The process the schedule kills (a crash point may name the other side)."""
-        if self.crash_point is not None:
+        if self.crash_point is not None and not self.migration:
             return CRASH_SIDE[self.crash_point]
         return TARGETS[self.name]
 
@@ -124,7 +136,8 @@ class Schedule:
             how = {
                 "disk": "EIO reads, then healed",
                 "bridge-takeover": "SIGSTOP bridge A, bridge B takes over, SIGCONT A",
-                "link": "replication link frames flipped, duplicated, replayed, then reset",
+                "link": "replication link frames flipped, duplicated, replayed, delayed, dropped, "
+                "then black-holed and reset",
                 "leg": "SIGSTOP mirror leg B past the failfast deadline, then SIGCONT",
                 "split": "partition, forced promote, both written, heal, resolve",
             }.get(self.target, "SIGKILL at random times")
@@ -149,6 +162,7 @@ ROTATION = [
     ("kill-both-promote", None),
     ("resync-interrupted", None),
     ("migration", None),
+    ("migration", "takeover.mid"),
     ("proxy-replication", None),
     ("mirror-leg-frozen", None),
     ("power-loss-both", None),
