@@ -24,7 +24,11 @@ from tests.chaos.schedules import ROTATION, Schedule
 
 def run_one(schedule: Schedule, keep: bool) -> Report:
     workdir = Path(tempfile.mkdtemp(prefix=f"chaos-{schedule.name}-"))
-    report = trio.run(run_schedule, schedule, workdir)
+    try:
+        report = trio.run(run_schedule, schedule, workdir)
+    except BaseException:
+        print(f"kept: {workdir}", flush=True)
+        raise
     print(report.figures(), flush=True)
     if report.result.ok and not keep:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -65,12 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     end = time.monotonic() + args.soak * 60
     reports: list[Report] = []
+    errors: list[str] = []  # runs the harness could not finish (kept, named, counted)
     i = 0
     while time.monotonic() < end:
         name, cp = ROTATION[i % len(ROTATION)]
         seed = rng.randrange(1 << 30)
         print(f"=== run {i + 1}", flush=True)
-        reports.append(run_one(Schedule(name, seed, args.window, crash_point=cp), args.keep))
+        try:
+            reports.append(run_one(Schedule(name, seed, args.window, crash_point=cp), args.keep))
+        except Exception as exc:  # e.g. the pair never got back in sync: a finding, go on
+            errors.append(f"{name} {cp or ''} seed {seed}: {exc!r}")
+            print(f"RUN FAILED: {errors[-1]}", flush=True)
         i += 1
     total = {
         "runs": len(reports),
@@ -90,11 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         "fenced writes rejected": sum(r.result.fenced_rejected for r in reports),
         "replica divergence bytes": sum(r.result.divergence_bytes for r in reports),
         "runs with violations": sum(not r.result.ok for r in reports),
+        "runs that could not finish": len(errors),
     }
     print("=== soak total")
     for k, v in total.items():
         print(f"{k}: {v}")
-    return 1 if total["runs with violations"] else 0
+    for e in errors:
+        print(f"  could not finish: {e}")
+    return 1 if total["runs with violations"] or errors else 0
 
 
 if __name__ == "__main__":
