@@ -148,23 +148,23 @@ def _fail(message: str) -> BlockError:
 
 def _validate_segments(bio: Bio) -> None:
     total = 0
+    read = bio.op is Op.READ
     for index, segment in enumerate(bio.segments):
-        buf = segment.buf
-        where = f"segment {index}"
+        buf, start, length = segment.buf, segment.offset, segment.length
         if not isinstance(buf, memoryview) or buf.ndim != 1 or buf.format != "B":
-            raise _fail(f"{where}: buf must be a 1-d memoryview of format 'B'")
-        if segment.length <= 0 or segment.length % SECTOR_SIZE:
+            raise _fail(f"segment {index}: buf must be a 1-d memoryview of format 'B'")
+        if length <= 0 or length % SECTOR_SIZE:
             raise _fail(
-                f"{where}: length={segment.length} is not a positive multiple of {SECTOR_SIZE}"
+                f"segment {index}: length={length} is not a positive multiple of {SECTOR_SIZE}"
             )
-        if segment.offset < 0 or segment.offset + segment.length > buf.nbytes:
+        if start < 0 or start + length > buf.nbytes:
             raise _fail(
-                f"{where}: offset={segment.offset} length={segment.length} lies outside "
+                f"segment {index}: offset={start} length={length} lies outside "
                 f"its buffer of {buf.nbytes} bytes"
             )
-        if bio.op is Op.READ and buf.readonly:
-            raise _fail(f"{where}: READ into a read-only buffer")
-        total += segment.length
+        if read and buf.readonly:
+            raise _fail(f"segment {index}: READ into a read-only buffer")
+        total += length
     if total != bio.length:
         raise _fail(f"segment lengths sum to {total}, not length={bio.length}")
 
@@ -177,10 +177,12 @@ def validate_bio(bio: Bio, limits: Limits, size: int) -> None:
     shape, flags), not what makes it *fit* (max_bytes, max_segments, max_segment_size,
     boundary): a valid bio that does not fit is split, never rejected.
     """
-    try:
-        op = Op(bio.op)
-    except ValueError:
-        raise _fail(f"unknown op={bio.op!r}") from None
+    op = bio.op
+    if op.__class__ is not Op:  # Op(x) is a slow call; a bio made by dst holds an Op already
+        try:
+            op = Op(op)
+        except ValueError:
+            raise _fail(f"unknown op={bio.op!r}") from None
     unknown = int(bio.flags) & ~_KNOWN_FLAGS
     if unknown:
         raise _fail(f"unknown flags=0x{unknown:x}")

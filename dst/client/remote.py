@@ -61,6 +61,8 @@ log = logging.getLogger("dst.client")
 #: How a connection attempt fails: unreachable, refused, broken, or answered with an error.
 CONNECT_ERRORS = (OSError, trio.BrokenResourceError, ProtocolError, BlockError, trio.TooSlowError)
 
+_FAILFAST = int(BioFlags.FAILFAST)  # tested per bio: int & int, not IntFlag's slow __and__
+
 
 class RemoteVolume:
     """The client side of one attached volume (see the module docstring)."""
@@ -140,7 +142,7 @@ class RemoteVolume:
         if self._slots is None or (self._link is None and not self.config.resend):
             raise BlockError(errno.ENOTCONN, f"not connected to {self.config.address}")
         validate_bio(bio, self._limits, self._size)
-        if bio.flags & BioFlags.FAILFAST:
+        if int(bio.flags) & _FAILFAST:
             await self._submit_failfast(bio)
         else:
             await self._submit(bio, Transaction(0, early=early, stage=stage))

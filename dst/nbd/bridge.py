@@ -49,6 +49,15 @@ CLOSE_TIMEOUT_S = 5.0
 #: A client that leaves a reply unread or a WRITE payload unsent this long is dropped: it holds
 #: budget that every connection shares (a slowloris on the data path).
 STALL_TIMEOUT_S = 60.0
+#: Per-request tables (an IntFlag or IntEnum operation costs a microsecond or more; a request
+#: goes through these on the data path): NBD FUA/NO_HOLE → bio flags, command → metric label.
+_FLAGS_KEPT = int(CommandFlags.FUA | CommandFlags.NO_HOLE)
+_BIO_FLAGS = {
+    n: (BioFlags.FUA if n & CommandFlags.FUA else BioFlags.NONE)
+    | (BioFlags.NO_HOLE if n & CommandFlags.NO_HOLE else BioFlags.NONE)
+    for n in range(_FLAGS_KEPT + 1)
+}
+_OP_NAMES = {int(c): c.name.lower() for c in Command}
 #: Requests in flight per connection: more than pipelining clients use (qemu 16, nbdcopy 64).
 MAX_INFLIGHT = 64
 #: READ buffers and WRITE payloads one connection may pin: two maximal requests pipeline.
@@ -123,7 +132,14 @@ class _Budget:
 class _Wire(ByteStream):
     """One connection's transmission bytes (starting with any the client pipelined behind its
     last option): request headers from the buffer, payloads straight into the bio's buffer,
-    replies as one ``writev``, each transfer bounded by STALL_TIMEOUT_S."""
+    replies as one ``writev``.  A client that stalls a payload or a reply for
+    STALL_TIMEOUT_S has broken the connection.  The deadline costs a cancel scope, so it is
+    only set up where a transfer may wait: a payload already in the buffer, or a reply the
+    socket takes at once, has none."""
+
+    def __init__(self, stream: trio.abc.Stream, *, initial: bytes = b"") -> None:
+        super().__init__(stream, initial=initial)
+        self.send_stall_s = STALL_TIMEOUT_S
 
     async def read_header(self) -> Request | None:
         """The next request, or None at a clean end of stream."""
@@ -131,6 +147,8 @@ class _Wire(ByteStream):
         return None if raw is None else tx.parse_request(raw)
 
     async def read_payload(self, view: memoryview) -> None:
+        if self._end - self._start >= len(view):
+            return await self.read_into([view], "a WRITE payload")
         with _stall("WRITE payload not sent"):
             await self.read_into([view], "a WRITE payload")
 
@@ -139,8 +157,13 @@ class _Wire(ByteStream):
             await self.skip(length, "a WRITE payload")
 
     async def send_reply(self, *parts: bytes | memoryview) -> None:
-        with _stall("reply not read"):
-            await self.send_parts([part for part in parts if len(part)])
+        try:
+            if self._sock is not None:  # each wait for the socket is bounded (send_stall_s)
+                return await self.send_parts([part for part in parts if len(part)])
+            with trio.fail_after(STALL_TIMEOUT_S):
+                await self.send_parts([part for part in parts if len(part)])
+        except trio.TooSlowError:
+            raise trio.BrokenResourceError(f"reply not read for {STALL_TIMEOUT_S} s") from None
 
 
 @contextmanager
@@ -310,7 +333,7 @@ class _Connection:
                 await self._reply(tx.ok_reply(req.handle))
         finally:
             self._release(cost)
-            op = p.name_of(Command, req.command).lower()
+            op = _OP_NAMES.get(req.command) or p.name_of(Command, req.command).lower()
             io.end(self.export, op, req.length, started, ok=ok)
 
     async def _submit(self, req: Request, buf: bytearray | None) -> None:
@@ -319,9 +342,7 @@ class _Connection:
         op, layer = _OPS.get(req.command), self._layer
         if op is None or layer is None:
             return
-        flags = BioFlags.FUA if req.flags & CommandFlags.FUA else BioFlags.NONE
-        if req.flags & CommandFlags.NO_HOLE:
-            flags |= BioFlags.NO_HOLE
+        flags = _BIO_FLAGS[req.flags & _FLAGS_KEPT]
         if buf is not None:
             page = self.bridge.page_size
             bios = [Bio.from_buffer(op, req.offset, buf, page_size=page, flags=flags)]

@@ -58,6 +58,10 @@ def _nothing_in_flight() -> int:
 class ByteStream:
     """Buffered reads of small heads, zero-copy payloads, coalesced ``writev`` writes."""
 
+    #: Seconds a send may wait for the peer to take bytes before it fails with
+    #: ``trio.TooSlowError`` (None: as long as it takes).  Plain sockets only.
+    send_stall_s: float | None = None
+
     def __init__(self, stream: trio.abc.Stream, *, initial: bytes = b"") -> None:
         self.stream = stream
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -109,7 +113,11 @@ class ByteStream:
             try:
                 return os.writev(fd, bufs)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(self._sock)
+                if self.send_stall_s is None:
+                    await trio.lowlevel.wait_writable(self._sock)
+                else:  # only a send that must wait pays for a deadline
+                    with trio.fail_after(self.send_stall_s):
+                        await trio.lowlevel.wait_writable(self._sock)
             except OSError as exc:  # EPIPE rather than SIGPIPE: Python ignores the signal
                 if exc.errno == errno.EBADF:
                     raise trio.ClosedResourceError("the stream was closed") from exc
