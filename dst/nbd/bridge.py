@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import trio
 
 from dst.block import Bio, BioFlags, BlockLayer, Op, submit_split, validate_bio
+from dst.block.buffers import SpareBuffers
 from dst.errors import BlockError, ProtocolError, RemoteProtocolError
 from dst.iostats import IoStats
 from dst.nbd import protocol as p
@@ -64,6 +65,8 @@ MAX_INFLIGHT = 64
 MAX_CONNECTION_BYTES = 2 * p.MAX_REQUEST_BYTES
 #: The same for all connections of one serve_nbd together: the bridge's memory bound.
 MAX_BRIDGE_BYTES = 8 * p.MAX_REQUEST_BYTES
+#: Request buffers kept for reuse once their request is over (dst.block.buffers).
+SPARE_BYTES = 64 << 20
 #: One receive during the handshake.
 RECV_BYTES = 64 * 1024
 #: Certificate roles that may use the bridge over TLS: NBD clients are block-device users.
@@ -287,7 +290,9 @@ class _Connection:
                 continue
             cost = tx.budget_bytes(req)
             await self._admit(cost)
-            buf = bytearray(req.length) if req.command in (Command.READ, Command.WRITE) else None
+            buf = None
+            if req.command in (Command.READ, Command.WRITE):
+                buf = self.bridge.spare.take(req.length)
             try:
                 if buf is not None and req.command == Command.WRITE:
                     await self.wire.read_payload(memoryview(buf))
@@ -331,6 +336,8 @@ class _Connection:
                 await self._reply(head, memoryview(buf))
             else:
                 await self._reply(tx.ok_reply(req.handle))
+            if buf is not None and not self.broken:  # in the kernel, and nobody fills it now
+                self.bridge.spare.give_back(buf)
         finally:
             self._release(cost)
             op = _OP_NAMES.get(req.command) or p.name_of(Command, req.command).lower()
@@ -344,8 +351,10 @@ class _Connection:
             return
         flags = _BIO_FLAGS[req.flags & _FLAGS_KEPT]
         if buf is not None:
-            page = self.bridge.page_size
-            bios = [Bio.from_buffer(op, req.offset, buf, page_size=page, flags=flags)]
+            # One contiguous buffer, one segment: the link below describes it to the server
+            # as runs of its pages (page_runs), so cutting it into page-sized segments here
+            # only cost (a 1 MiB request: 256 segments made, checked and merged again).
+            bios = [Bio.from_buffer(op, req.offset, buf, page_size=len(buf), flags=flags)]
         elif op is Op.FLUSH:
             bios = [Bio(Op.FLUSH, 0, 0, flags=flags)]
         else:  # TRIM/WRITE_ZEROES in sequential chunks: no wider fan-out than a maximal READ
@@ -387,6 +396,7 @@ class _Bridge:
         check_exports(self.infos)
         self.context = server_context(tls) if tls is not None else None
         self.budget = _Budget(MAX_BRIDGE_BYTES)
+        self.spare = SpareBuffers(SPARE_BYTES)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         await _Connection(self, stream).run()

@@ -1,0 +1,101 @@
+"""Where a dst configuration spends its time under one workload: py-spy on every dst process.
+
+    python3 -m bench.profile [--config dst] [--workload randread-4k-qd32] [--seconds 15]
+
+Starts the configuration (bench/peers.py) on a fresh volume, records each of its processes
+with ``py-spy record --format raw`` while the workload runs, and prints per process: CPU
+microseconds per request (from /proc, the figure that holds still on a shared machine), and
+the Python functions that dominate — by self time and inclusive — among the samples that were
+not waiting for the kernel (epoll and the socket syscalls are reported as one share: on
+loopback a ``writev`` also pays for the receiver's TCP work).  The raw stacks stay in --out for
+flame graphs (``flamegraph.pl`` or speedscope).  This is the profile issue 8's changes cite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.peers import CONFIGS
+from bench.workloads import BY_NAME, cpu_seconds
+
+MiB = 1 << 20
+#: Leaf frames that mean "in the kernel, waiting or moving bytes", not Python work.
+WAITING = ("get_events", "_epoll_wait", "_writev", "_readv", "_preadv", "_pwritev", "WorkerThread._work")
+
+
+def summarize(raw: Path, top: int) -> str:
+    """The top functions of one py-spy raw file (``frame;frame;... count`` lines)."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    waiting = total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0] + ")" for f in
+                  stack.split(";") if " (" in f]  # fmt: skip
+        if not frames:
+            continue
+        total += n
+        if any(w in frames[-1] for w in WAITING):
+            waiting += n
+            continue
+        own[frames[-1]] += n
+        for f in set(frames):
+            inclusive[f] += n
+    busy = total - waiting
+    if not busy:
+        return "  no samples"
+    lines = [f"  samples {total}: in kernel waits/socket syscalls {100 * waiting / total:.0f}%,"
+             f" Python {100 * busy / total:.0f}% (shares below are of the Python samples)"]  # fmt: skip
+    lines.append("  self:")
+    lines += [f"    {100 * n / busy:5.1f}%  {f}" for f, n in own.most_common(top)]
+    lines.append("  inclusive (dst and trio frames):")
+    picked = [(f, n) for f, n in inclusive.most_common() if "dst/" in f or "trio/" in f]
+    lines += [f"    {100 * n / busy:5.1f}%  {f}" for f, n in picked[:top]]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m bench.profile", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="dst", choices=[c for c in CONFIGS if c.startswith("dst")])
+    p.add_argument("--workload", default="randread-4k-qd32", choices=sorted(BY_NAME))
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--size", type=int, default=1024, help="volume MiB (1024)")
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--out", type=Path, help="keep the raw stacks here (default: a temp dir)")
+    args = p.parse_args(argv)
+    out = args.out or Path(tempfile.mkdtemp(prefix="dst-profile-"))
+    out.mkdir(parents=True, exist_ok=True)
+    workload = BY_NAME[args.workload]
+    with tempfile.TemporaryDirectory() as tmp, CONFIGS[args.config](Path(tmp), args.size * MiB) as t:
+        spies = {
+            name: subprocess.Popen(
+                ["py-spy", "record", "--format", "raw", "--rate", "250", "--pid", str(pid),
+                 "--duration", str(int(args.seconds)), "--output", str(out / f"{name}.txt")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            for name, pid in t.pids.items()
+        }
+        cpu0 = {name: cpu_seconds(pid) for name, pid in t.pids.items()}
+        sample = workload.run(t.uri, Path(tmp), args.size * MiB, args.seconds)
+        cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in t.pids.items()}
+        for spy in spies.values():
+            spy.wait(args.seconds + 60)
+    per = "request" if workload.unit == "IOPS" else "MiB"
+    requests = sample.nbytes / (4096 if per == "request" else MiB)
+    print(f"{args.config} {workload.name}: {sample.rate:.0f} {workload.unit}")
+    for name in t.pids:
+        print(f"\n{name}: {cpu[name] * 1e6 / requests:.0f} us CPU per {per}")
+        print(summarize(out / f"{name}.txt", args.top))
+    print(f"\nraw stacks: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
