@@ -26,7 +26,21 @@ from bench.workloads import BY_NAME, cpu_seconds
 
 MiB = 1 << 20
 #: Leaf frames that mean "in the kernel, waiting or moving bytes", not Python work.
-WAITING = ("get_events", "_epoll_wait", "_writev", "_readv", "_preadv", "_pwritev", "WorkerThread._work")
+WAITING = (
+    "get_events",
+    "_epoll_wait",
+    "_writev",
+    "_readv",
+    "_preadv",
+    "_pwritev",
+    "WorkerThread._work",  # a worker thread idle in trio's thread cache
+)
+
+
+def _where(frame: str) -> str:
+    """``func (file.py:123)`` -> ``func (file.py)``: lines of one function counted together."""
+    name, _, rest = frame.partition(" (")
+    return f"{name} ({rest.split(':')[0]})"
 
 
 def summarize(raw: Path, top: int) -> str:
@@ -37,8 +51,7 @@ def summarize(raw: Path, top: int) -> str:
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         n = int(count)
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0] + ")" for f in
-                  stack.split(";") if " (" in f]  # fmt: skip
+        frames = [_where(f) for f in stack.split(";") if " (" in f]
         if not frames:
             continue
         total += n
@@ -51,8 +64,11 @@ def summarize(raw: Path, top: int) -> str:
     busy = total - waiting
     if not busy:
         return "  no samples"
-    lines = [f"  samples {total}: in kernel waits/socket syscalls {100 * waiting / total:.0f}%,"
-             f" Python {100 * busy / total:.0f}% (shares below are of the Python samples)"]  # fmt: skip
+    kernel, python = 100 * waiting / total, 100 * busy / total
+    lines = [
+        f"  samples {total}: in kernel waits/socket syscalls {kernel:.0f}%, "
+        f"Python {python:.0f}% (shares below are of the Python samples)"
+    ]
     lines.append("  self:")
     lines += [f"    {100 * n / busy:5.1f}%  {f}" for f, n in own.most_common(top)]
     lines.append("  inclusive (dst and trio frames):")
@@ -73,17 +89,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="dst-profile-"))
     out.mkdir(parents=True, exist_ok=True)
     workload = BY_NAME[args.workload]
-    with tempfile.TemporaryDirectory() as tmp, CONFIGS[args.config](Path(tmp), args.size * MiB) as t:
-        spies = {
-            name: subprocess.Popen(
-                ["py-spy", "record", "--format", "raw", "--rate", "250", "--pid", str(pid),
-                 "--duration", str(int(args.seconds)), "--output", str(out / f"{name}.txt")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            for name, pid in t.pids.items()
-        }
+    size = args.size * MiB
+    with tempfile.TemporaryDirectory() as tmp, CONFIGS[args.config](Path(tmp), size) as t:
+        spies = {}
+        for name, pid in t.pids.items():
+            argv = ["py-spy", "record", "--format", "raw", "--rate", "250", "--pid", str(pid)]
+            argv += ["--duration", str(int(args.seconds)), "--output", str(out / f"{name}.txt")]
+            spies[name] = subprocess.Popen(
+                argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
         cpu0 = {name: cpu_seconds(pid) for name, pid in t.pids.items()}
-        sample = workload.run(t.uri, Path(tmp), args.size * MiB, args.seconds)
+        sample = workload.run(t.uri, Path(tmp), size, args.seconds)
         cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in t.pids.items()}
         for spy in spies.values():
             spy.wait(args.seconds + 60)
