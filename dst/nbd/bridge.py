@@ -160,11 +160,12 @@ class _Wire(ByteStream):
             await self.skip(length, "a WRITE payload")
 
     async def send_reply(self, *parts: bytes | memoryview) -> None:
+        message = [part for part in parts if len(part)]
         try:
             if self._sock is not None:  # each wait for the socket is bounded (send_stall_s)
-                return await self.send_parts([part for part in parts if len(part)])
-            with trio.fail_after(STALL_TIMEOUT_S):
-                await self.send_parts([part for part in parts if len(part)])
+                return await self.send_parts(message)
+            with trio.fail_after(STALL_TIMEOUT_S):  # TLS: no writev, one deadline per reply
+                await self.send_parts(message)
         except trio.TooSlowError:
             raise trio.BrokenResourceError(f"reply not read for {STALL_TIMEOUT_S} s") from None
 
