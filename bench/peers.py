@@ -182,7 +182,8 @@ def dst_mirror(tmp: Path, size: int) -> Iterator[Target]:
             stack.callback(leg.stop)
             leg.start()
             legs.append(leg)
-        extra = ("--server", str(legs[1].address), "--mirror", *QUIET)
+        extra = ["--server", str(legs[1].address), "--mirror", *QUIET]
+        extra += ["--state-dir", str(tmp / "mirror-state")]  # not ./dst-bridge in the cwd
         bridge = stack.enter_context(bridge_process(tmp, legs[0].address, "bench", *extra))
         bridge.start()
         pids = {"bridge": _pid(bridge), "leg-a": _pid(legs[0]), "leg-b": _pid(legs[1])}
