@@ -47,6 +47,12 @@ class BlockError(DstError):
         super().__init__(message)
         self.errno = errno
 
+    @property
+    def message(self) -> str:
+        """The text alone, as a Reply carries it: the receiver names the errno itself (sending
+        ``str(exc)`` made a client's error read "ESTALE: ESTALE: ...")."""
+        return str(self.args[0]) if self.args else ""
+
     def __str__(self) -> str:
         name = _errno.errorcode.get(self.errno, str(self.errno))
         return f"{name}: {super().__str__()}"

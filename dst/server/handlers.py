@@ -44,7 +44,7 @@ async def promote(session: Session, msg: PromoteRequest) -> None:
     try:
         await session.server.promote(msg.volume, force=msg.force)
     except BlockError as exc:
-        await session.answer(msg.tid, 0, exc.errno, str(exc))
+        await session.answer(msg.tid, 0, exc.errno, exc.message)
         return
     await session.reply(Reply(tid=msg.tid, sub=0, errno=0, message=""))
 
@@ -53,7 +53,7 @@ async def sync(session: Session, msg: SyncRequest) -> None:
     try:
         state = await session.server.sync(msg.volume, msg.action, msg.state, session.role)
     except BlockError as exc:
-        await session.answer(msg.tid, 0, exc.errno, str(exc))
+        await session.answer(msg.tid, 0, exc.errno, exc.message)
         return
     await session.reply(StatusReply(tid=msg.tid, status=state))
 
@@ -73,7 +73,7 @@ async def checksum(session: Session, msg: ChecksumRequest) -> None:
             )
         crcs = await _extent_crcs(session, volume, msg.offset, msg.length, msg.extent)
     except BlockError as exc:
-        await session.answer(msg.tid, msg.sub, exc.errno, str(exc))
+        await session.answer(msg.tid, msg.sub, exc.errno, exc.message)
         return
     data = [memoryview(pack_checksums(crcs))]
     await session.reply(Reply(tid=msg.tid, sub=msg.sub, errno=0, message=""), data)
@@ -141,7 +141,7 @@ async def attach(session: Session, msg: Attach) -> None:
     try:
         epoch = await volume.ownership.claim(session.node, claim, 0 if replica else msg.epoch)
     except BlockError as exc:
-        await session.answer(msg.tid, 0, exc.errno, str(exc))
+        await session.answer(msg.tid, 0, exc.errno, exc.message)
         return
     if claim != "share":
         session.claimed.append(volume)

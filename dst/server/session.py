@@ -336,7 +336,7 @@ class Session:
                     exc.errno,
                     str(exc),
                 )
-                await self.reply(Reply(tid=msg.tid, sub=msg.sub, errno=exc.errno, message=str(exc)))
+                await self.answer(msg.tid, msg.sub, exc.errno, exc.message)
                 return
             stats[bio.op.name.lower()] += 1
             stats["bytes_" + bio.op.name.lower()] += bio.length
