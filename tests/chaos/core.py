@@ -132,6 +132,18 @@ class RunCore:
             return True
         return False
 
+    async def primary_died_at(self, point: str) -> bool:
+        """Wait (20 s at most) for the primary, armed at crash point ``point``, to die there:
+        counted as a fault (or as not reached), the kill's straddle noted, and the arming
+        cleared so that it restarts clean."""
+        if not await self.wait_death(self.primary, 20):
+            self.report.faults["crash point not reached primary"] += 1
+            return False
+        self.report.faults[f"crash-point primary {point}"] += 1
+        self.report.straddled += self.in_flight_writes() > 0
+        self.primary.env.pop("DST_CRASH_AT")
+        return True
+
     async def fail_over(self) -> None:
         """The primary is dead: promote the secondary, the old primary rejoins as secondary."""
         with trio.fail_after(20):

@@ -136,12 +136,8 @@ class Run(Hazards):
         """The secondary is back and being resynced; the primary, armed at resync.mid,
         dies after copying some extents; it restarts (still primary) and the resync goes
         on from what its bitmap still says.  Returns when it was restarted."""
-        if not await self.wait_death(self.primary, 20):
-            self.report.faults["crash point not reached primary"] += 1
+        if not await self.primary_died_at("resync.mid"):
             return time.monotonic()
-        self.report.faults["crash-point primary resync.mid"] += 1
-        self.report.straddled += self.in_flight_writes() > 0
-        self.primary.env.pop("DST_CRASH_AT")
         await trio.sleep(0.2)
         await self.start(self.primary)
         return time.monotonic()
