@@ -140,7 +140,7 @@ def wait_replicating(address: Address) -> None:
         out = subprocess.run(argv, capture_output=True, timeout=30, check=False)
         if out.returncode == 0:
             volume = json.loads(out.stdout)["volumes"]["bench"]
-            if volume["connection"] == "connected" and volume["out_of_sync_bytes"] == 0:
+            if volume["connection"] == "connected" and volume["peer_disk"] == "up-to-date":
                 return
         time.sleep(0.2)
     raise RuntimeError(f"the pair behind {address} did not connect and sync")

@@ -249,7 +249,7 @@ class Lab:
             try:
                 last = self.status(host)
                 vol = last["volumes"]["vol0"]
-                if vol["connection"] == "connected" and vol["out_of_sync_bytes"] == 0:
+                if vol["connection"] == "connected" and vol["peer_disk"] == "up-to-date":
                     return last  # type: ignore[no-any-return]
             except (RuntimeError, KeyError, ValueError, subprocess.TimeoutExpired) as exc:
                 last = exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeVar
 
@@ -93,14 +94,19 @@ class Link:
             for done, _ in self._calls.values():
                 done.set()
 
-    async def call(self, msg: SyncRequest) -> StatusReply:
+    async def call(self, msg: SyncRequest, timeout_s: float | None = None) -> StatusReply:
         """Send an administration request on this live link and wait for its StatusReply;
-        an error Reply raises BlockError, a broken link LinkBroken."""
+        an error Reply raises BlockError, a broken link LinkBroken.  A request unanswered
+        after ``timeout_s`` (a lost frame on a link whose keepalives still pass) breaks the
+        link: the next one starts with a fresh handshake instead of waiting forever."""
         done, answer = trio.Event(), list[Message]()
         self._calls[msg.tid] = (done, answer)
         try:
             await self.send(msg)
-            await done.wait()
+            with trio.move_on_after(math.inf if timeout_s is None else timeout_s) as scope:
+                await done.wait()
+            if scope.cancelled_caught:
+                self.broken(f"sync {msg.action!r} unanswered for {timeout_s:.1f} s")
         finally:
             del self._calls[msg.tid]
         if not answer:

@@ -72,6 +72,9 @@ UNFLUSHED_CAP = 65536
 class ReplicationStatistics:
     peer_connected: bool
     out_of_sync_bytes: int
+    #: Nothing out of sync *and* the resync concluded in both sides' generation ids (the
+    #: peer adopted ours): an empty bitmap alone can still mean "adopt not yet sent".
+    peer_up_to_date: bool
     resync_total_bytes: int
     resync_done_bytes: int
     resync_rate_bytes_s: float
@@ -361,7 +364,7 @@ class Replicated:
     async def _sync(self, link: Link, action: str, state: Mapping[str, Any]) -> Mapping[str, Any]:
         """A SyncRequest to the peer on ``link``; its state in answer."""
         msg = SyncRequest(self.peer.new_tid(), self.peer.config.volume, action, state)
-        return (await link.call(msg)).status
+        return (await link.call(msg, self.peer.config.request_timeout_s)).status
 
     async def share_epoch(self, epoch: int) -> None:
         """Tell the peer about a takeover's epoch; if it is away, the next handshake does."""
@@ -398,6 +401,7 @@ class Replicated:
                 return
             link = self.peer.link
             if link is None:
+                log.warning("event=resync_finish_interrupted reason='link lost before adopt'")
                 return
             await self._sync(link, "adopt", {"generations": self.state.generations.to_json()})
         except (BlockError, LinkBroken) as exc:
@@ -454,6 +458,7 @@ class Replicated:
         return ReplicationStatistics(
             peer_connected=self.peer.connected,
             out_of_sync_bytes=self.bitmap.dirty_bytes,
+            peer_up_to_date=not self.bitmap.dirty_bytes and not self.state.needs_finish,
             resync_total_bytes=self._progress.total_bytes,
             resync_done_bytes=self._progress.done_bytes,
             resync_rate_bytes_s=self._progress.rate_bytes_s,

@@ -45,7 +45,7 @@ def _volume(server: Server, volume: Volume) -> dict[str, StatusValue]:
         doc["connection"] = "connected" if s.peer_connected else "disconnected"
         doc["protocol"] = rep.protocol
         doc["disk"] = "up-to-date"
-        doc["peer_disk"] = "up-to-date" if s.out_of_sync_bytes == 0 else "outdated"
+        doc["peer_disk"] = "up-to-date" if s.peer_up_to_date else "outdated"
         doc["out_of_sync_bytes"] = s.out_of_sync_bytes
         doc["resync"] = {
             "active": bool(s.peer_connected and s.out_of_sync_bytes),

@@ -38,11 +38,12 @@ async def running_server(
     role: str = "standalone",
     node_id: str = "test-server",
     protocol: str = "C",
+    listen: str = "127.0.0.1:0",
 ) -> AsyncIterator[Server]:
     config = ServerConfig(
         data_dir=data_dir,
         volumes=volumes,
-        listen=parse_address("127.0.0.1:0"),
+        listen=parse_address(listen),
         tls=tls,
         page_size=page_size,
         max_bytes=max_bytes,
@@ -191,12 +192,13 @@ def bridge_process(
 
 
 async def wait_in_sync(address: Address, timeout_s: float = 60) -> Mapping[str, Any]:
-    """Poll `status` until the volume's replication link is up and nothing is out of sync."""
+    """Poll `status` until the volume's replication link is up and the peer is up to date:
+    nothing out of sync, and the resync concluded in both sides' generation ids."""
     with trio.fail_after(timeout_s):
         while True:
             doc = await fetch_status(address, None)
             v = doc["volumes"]["vol0"]
-            if v["connection"] == "connected" and v["out_of_sync_bytes"] == 0:
+            if v["connection"] == "connected" and v["peer_disk"] == "up-to-date":
                 return doc
             await trio.sleep(0.2)
 

@@ -186,7 +186,7 @@ async def wait_in_sync(address: Address, tls: TlsConfig, role: str) -> None:
                 doc = {}
             vol = doc.get("volumes", {}).get("vol0", {})
             connected = vol.get("connection") == "connected"
-            if doc.get("role") == role and connected and vol.get("out_of_sync_bytes") == 0:
+            if doc.get("role") == role and connected and vol.get("peer_disk") == "up-to-date":
                 return
             await trio.sleep(0.2)
 

@@ -18,11 +18,15 @@ from typing import Any
 import pytest
 import trio
 
+from dst.admin import fetch_status
 from dst.block import Bio, BioFlags, Limits, MemoryStore, Op, Segment
 from dst.client import open_remote
 from dst.errors import BlockError
 from dst.net.endpoints import Address
+from dst.replication import peer as peer_module
+from dst.replication.sync import ReplicaState
 from dst.server import Server
+from dst.server import server as server_module
 from tests.integration.harness import (
     ServerProcess,
     free_port,
@@ -404,3 +408,49 @@ async def test_a_failed_peer_flush_marks_what_it_should_have_made_stable(tmp_pat
                 while rep.statistics().out_of_sync_bytes:
                     await trio.sleep(0.05)
         assert same_files(tmp_path / "primary" / "vol0.img", tmp_path / "secondary" / "vol0.img")
+
+
+async def test_the_peer_is_up_to_date_only_once_it_adopted_the_resync_s_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resync ends in two steps: the source's bitmap is empty, then the target adopts the
+    source's generation ids.  Until the second, `dst status` must not call the peer up to date
+    (a failover in between would find the two sides' ids apart: a needless full resync, or a
+    split brain if both then write).  A lost adopt request breaks the link after the request
+    timeout, and the next handshake finishes the resync."""
+    monkeypatch.setattr(peer_module, "PEER_REQUEST_TIMEOUT_S", 1.0)
+    adopt_swallowed = trio.Event()
+    real_answer = server_module.answer
+
+    async def answer(state: ReplicaState, action: str, given: Any) -> dict[str, Any]:
+        if action == "adopt" and not adopt_swallowed.is_set():
+            adopt_swallowed.set()
+            await trio.sleep_forever()  # the request is lost on a link that stays up
+        return await real_answer(state, action, given)
+
+    monkeypatch.setattr(server_module, "answer", answer)
+    port = free_port()
+    vols = (("vol0", 16 * MiB),)
+    peer = Address("127.0.0.1", port)
+    async with running_server(tmp_path / "primary", vols, peer=peer, role="primary") as primary:
+        assert primary.listen_address is not None
+        async with open_remote(primary.listen_address, "vol0") as vol:  # degraded: no peer
+            await vol.submit(Bio.from_buffer(Op.WRITE, 0, b"d" * 4096, flags=BioFlags.FUA))
+        async with running_server(
+            tmp_path / "secondary",
+            vols,
+            peer=Address("127.0.0.1", 1),
+            role="secondary",
+            listen=str(peer),
+        ) as secondary:
+            with trio.fail_after(20):
+                await adopt_swallowed.wait()
+            doc = (await fetch_status(primary.listen_address, None))["volumes"]["vol0"]
+            assert doc["out_of_sync_bytes"] == 0  # every block copied ...
+            assert doc["peer_disk"] == "outdated"  # ... but the resync has not ended
+            doc = (await wait_in_sync(primary.listen_address, 20))["volumes"]["vol0"]
+            assert secondary.listen_address is not None
+            peer_doc = (await fetch_status(secondary.listen_address, None))["volumes"]["vol0"]
+            assert peer_doc["generations"] == doc["generations"]
+            assert not peer_doc["generations"]["inconsistent"]
+    assert same_files(tmp_path / "primary" / "vol0.img", tmp_path / "secondary" / "vol0.img")
