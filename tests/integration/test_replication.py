@@ -24,6 +24,7 @@ from dst.client import open_remote
 from dst.errors import BlockError
 from dst.net.endpoints import Address
 from dst.replication import peer as peer_module
+from dst.replication import sync as sync_module
 from dst.replication.sync import ReplicaState
 from dst.server import Server
 from dst.server import server as server_module
@@ -420,7 +421,7 @@ async def test_the_peer_is_up_to_date_only_once_it_adopted_the_resync_s_end(
     timeout, and the next handshake finishes the resync."""
     monkeypatch.setattr(peer_module, "PEER_REQUEST_TIMEOUT_S", 1.0)
     adopt_swallowed = trio.Event()
-    real_answer = server_module.answer
+    real_answer = sync_module.answer
 
     async def answer(state: ReplicaState, action: str, given: Any) -> dict[str, Any]:
         if action == "adopt" and not adopt_swallowed.is_set():
