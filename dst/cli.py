@@ -21,6 +21,7 @@ from dst.config import apply_config
 from dst.errors import ConfigError, DstError
 from dst.logs import setup_logging
 from dst.net.endpoints import Address, is_loopback, parse_address
+from dst.replication.activity_log import DEFAULT_SLOTS, MAX_SLOTS
 from dst.replication.resync import DEFAULT_RESYNC_RATE
 from dst.security.tls import TlsConfig
 from dst.server import Server, ServerConfig
@@ -52,6 +53,28 @@ def _resync_rate(text: str) -> int:
     if rate < 4096:
         raise argparse.ArgumentTypeError(f"--resync-rate {text!r}: at least 4K (bytes per second)")
     return rate
+
+
+def _al_extents(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_SLOTS:
+        raise argparse.ArgumentTypeError(f"--al-extents {text!r}: a count from 1 to {MAX_SLOTS}")
+    return count
+
+
+def _add_al_extents(p: argparse.ArgumentParser, who: str) -> None:
+    p.add_argument(
+        "--al-extents",
+        type=_al_extents,
+        default=DEFAULT_SLOTS,
+        metavar="N",
+        help=f"{who}activity log size in 4 MiB extents (default {DEFAULT_SLOTS}, about 4 GiB): "
+        "the most a crash leaves to resync; fewer mean a disk sync before more scattered "
+        "writes (DRBD's al-extents)",
+    )
 
 
 def _failfast_timeout(text: str) -> float:
@@ -126,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="cap on resync traffic per second, e.g. 100M (default 64M), as DRBD's resync-rate",
     )
+    _add_al_extents(p, "replication: ")
     p.add_argument(
         "--metrics",
         metavar="HOST:PORT",
@@ -208,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="mirror: cap on a returning leg's resync traffic per second (default 64M)",
     )
+    _add_al_extents(p, "mirror: ")
     _add_security(p)
 
     p = sub.add_parser(
@@ -345,6 +370,7 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         role=args.role or "standalone",
         protocol=args.protocol,
         resync_rate=args.resync_rate,
+        al_extents=args.al_extents,
     )
 
 
@@ -389,6 +415,7 @@ def cmd_nbd(args: argparse.Namespace) -> int:
         failfast_timeout_s=args.failfast_timeout or None,
         state_dir=args.state_dir,
         resync_rate=args.resync_rate,
+        al_extents=args.al_extents,
     )
 
     stop = trio.Event()

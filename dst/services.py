@@ -25,6 +25,7 @@ from dst.metrics import BridgeCollector, ServerCollector, serve_metrics
 from dst.mirror import open_mirror
 from dst.nbd.bridge import NbdExport, serve_nbd
 from dst.net.endpoints import Address
+from dst.replication.activity_log import DEFAULT_SLOTS
 from dst.replication.resync import DEFAULT_RESYNC_RATE
 from dst.security.tls import TlsConfig
 from dst.server import Server, ServerConfig
@@ -54,6 +55,7 @@ class BridgeConfig:
     failfast_timeout_s: float | None = 1.0  # None: no deadline (keepalive death only)
     state_dir: Path = Path("dst-bridge")  # the mirror legs' bitmaps and status file
     resync_rate: int = DEFAULT_RESYNC_RATE  # bytes/s, a returning leg's resync
+    al_extents: int = DEFAULT_SLOTS  # the mirror's activity log slots
 
 
 async def run_bridge(
@@ -81,6 +83,7 @@ async def run_bridge(
             page_size=config.page_size,
             claim=config.claim,
             resync_rate=config.resync_rate,
+            al_extents=config.al_extents,
         )
     else:
         stack = open_remote(

@@ -17,6 +17,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from dst.client import open_remote
 from dst.errors import ConfigError
 from dst.mirror.layer import Leg, Mirror
 from dst.net.endpoints import Address
-from dst.replication.activity_log import ActivityLog
+from dst.replication.activity_log import DEFAULT_SLOTS, ActivityLog
 from dst.replication.bitmap import DirtyBitmap
 from dst.replication.resync import DEFAULT_RESYNC_RATE
 from dst.security.tls import TlsConfig
@@ -90,6 +91,7 @@ async def open_mirror(
     node_id: str = "",
     page_size: int = 4096,
     resync_rate: int = DEFAULT_RESYNC_RATE,
+    al_extents: int = DEFAULT_SLOTS,
     status_file: bool = True,
     claim: str = "share",
 ) -> AsyncIterator[Mirror]:
@@ -125,7 +127,10 @@ async def open_mirror(
             bitmap = await trio.to_thread.run_sync(DirtyBitmap.open, path, size)
             stack.callback(bitmap.close)
             legs.append(Leg(str(server), remote, bitmap))
-        al = await trio.to_thread.run_sync(ActivityLog.open, state_dir / f"{volume}.al", size)
+        al_path = state_dir / f"{volume}.al"
+        al = await trio.to_thread.run_sync(
+            partial(ActivityLog.open, al_path, size, slots=al_extents)
+        )
         stack.callback(al.close)
         mirror = Mirror(legs, resync_rate=resync_rate, activity_log=al)
         try:

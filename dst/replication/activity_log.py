@@ -5,9 +5,11 @@ crashes, a write may have reached one disk and not the other, and nobody knows w
 so without more information the whole volume would have to be resynced.  DRBD's answer (User's
 Guide §17.3, "The Activity Log"), and dst's: before writing into an extent, the primary records
 the extent as *active* on stable storage.  After a crash only the active extents can differ, and
-only they are resynced: a bound of ``slots * extent_size`` (64 * 4 MiB = 256 MiB by default)
-however large the volume.  More slots mean fewer AL commits under scattered writes and more
-to resync after a crash (LINBIT's "al-extents" trade-off).
+only they are resynced: a bound of ``slots * extent_size`` (1019 * 4 MiB, about 4 GiB, by
+default) however large the volume.  More slots mean fewer AL commits under scattered writes and
+more to resync after a crash (LINBIT's "al-extents" trade-off; ``--al-extents`` sets it).  A
+commit is a page write and an fdatasync before the write it covers may go out, so a set smaller
+than the working set of random writes costs a disk sync on most of them.
 
 File ``NAME.al`` beside the volume, a :class:`~dst.replication.pagefile.PageFile`::
 
@@ -83,13 +85,14 @@ RECORD_MAGIC: Final = b"dALR"
 RING_RECORDS: Final = 8
 #: DRBD's extent size: big enough that sequential writes seldom need a commit.
 DEFAULT_EXTENT_SIZE: Final = 4 << 20
-#: 64 * 4 MiB: at most 256 MiB to resync after a primary crash.
-DEFAULT_SLOTS: Final = 64
 _RECORD = struct.Struct("<4sQI")  # magic, sequence number, extent count
 _CRC = struct.Struct("<I")
 _INDEX = struct.Struct("<I")
 #: The whole active set fits in one record page, so a commit is one page write.
 MAX_SLOTS: Final = (PAGE_SIZE - _RECORD.size - _CRC.size) // _INDEX.size
+#: As many as one record holds: 1019 * 4 MiB, about 4 GiB to resync at most after a crash
+#: (DRBD's default al-extents, 1237, is 4.8 GiB).
+DEFAULT_SLOTS: Final = MAX_SLOTS
 #: Extent indices are u32 on disk.
 MAX_EXTENTS: Final = 1 << 32
 

@@ -24,6 +24,7 @@ from dst.errors import BlockError, ConfigError
 from dst.iostats import IoStats
 from dst.net.endpoints import Address, serve
 from dst.net.framed import FramedStream
+from dst.replication.activity_log import DEFAULT_SLOTS
 from dst.replication.peer import open_peer
 from dst.replication.resync import DEFAULT_RESYNC_RATE
 from dst.replication.sync import answer
@@ -62,6 +63,8 @@ class ServerConfig:
     protocol: str = "C"
     #: Bytes per second a resync may copy (``--resync-rate``).
     resync_rate: int = DEFAULT_RESYNC_RATE
+    #: Activity log slots of each replicated volume (``--al-extents``).
+    al_extents: int = DEFAULT_SLOTS
 
 
 class Server:
@@ -95,7 +98,12 @@ class Server:
         for name, size in specs:
             replica = self.role != "standalone"
             volume = Volume.open(
-                self.config.data_dir, name, size, limits=self.limits, replica=replica
+                self.config.data_dir,
+                name,
+                size,
+                limits=self.limits,
+                replica=replica,
+                al_extents=self.config.al_extents,
             )
             if self.role == "primary":
                 volume.become_primary(

@@ -35,7 +35,7 @@ from dst.block.faults import store_from_env
 from dst.client.remote import RemoteVolume
 from dst.errors import ConfigError
 from dst.fence import Fence, Ownership
-from dst.replication.activity_log import ActivityLog
+from dst.replication.activity_log import DEFAULT_SLOTS, ActivityLog
 from dst.replication.bitmap import DirtyBitmap
 from dst.replication.generations import Generations
 from dst.replication.layer import Replicated
@@ -135,7 +135,14 @@ class Volume:
 
     @classmethod
     def open(
-        cls, data_dir: Path, name: str, size: int, *, limits: Limits, replica: bool = False
+        cls,
+        data_dir: Path,
+        name: str,
+        size: int,
+        *,
+        limits: Limits,
+        replica: bool = False,
+        al_extents: int = DEFAULT_SLOTS,
     ) -> Volume:
         """Open (or create) ``name`` in ``data_dir``; a size that disagrees with the existing
         volume is a ConfigError rather than a silent resize.  A ``replica`` (either server of
@@ -161,16 +168,16 @@ class Volume:
             write_meta_atomically(meta_path, meta)
         volume = cls(data_dir, meta, store)
         if replica:
-            volume._open_replica(had_data)
+            volume._open_replica(had_data, al_extents)
         return volume
 
-    def _open_replica(self, had_data: bool) -> None:
+    def _open_replica(self, had_data: bool, al_extents: int) -> None:
         name, size = self.name, self.size
         # An existing volume without a bitmap may hold writes its peer lacks: all dirty.
         bitmap_path = self.data_dir / f"{name}.bitmap"
         create_dirty = had_data and not bitmap_path.exists()
         bitmap = DirtyBitmap.open(bitmap_path, size, create_dirty=create_dirty)
-        self.al = ActivityLog.open(self.data_dir / f"{name}.al", size)
+        self.al = ActivityLog.open(self.data_dir / f"{name}.al", size, slots=al_extents)
         generations = self.meta.generations
         if not self.al.was_clean:
             # This node crashed as primary: writes in flight then may be on one side only.
