@@ -10,8 +10,7 @@ loses the race simply waits again.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from types import TracebackType
 
 import trio
 
@@ -24,21 +23,37 @@ class RangeLocks:
     def __init__(self) -> None:
         self._held: list[tuple[int, int, trio.Event]] = []
 
-    @asynccontextmanager
-    async def locked(self, start: int, end: int) -> AsyncIterator[None]:
-        """Hold [start, end) against every overlapping holder."""
+    def locked(self, start: int, end: int) -> _Hold:
+        """``async with``: hold [start, end) against every overlapping holder."""
+        return _Hold(self._held, start, end)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+class _Hold:
+    """One holding of a range (a class, not a generator: this is on every write's path)."""
+
+    __slots__ = ("_entry", "_held")
+
+    def __init__(self, held: list[tuple[int, int, trio.Event]], start: int, end: int) -> None:
+        self._held = held
+        self._entry = (start, end, trio.Event())
+
+    async def __aenter__(self) -> None:
+        start, end, _ = self._entry
         while True:
             busy = next((ev for s, e, ev in self._held if s < end and start < e), None)
             if busy is None:
                 break
             await busy.wait()
-        entry = (start, end, trio.Event())
-        self._held.append(entry)
-        try:
-            yield
-        finally:
-            self._held.remove(entry)
-            entry[2].set()
+        self._held.append(self._entry)
 
-    def __len__(self) -> int:
-        return len(self._held)
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._held.remove(self._entry)
+        self._entry[2].set()

@@ -84,6 +84,12 @@ class Transaction:
     stage: str = ""
     early_left: int = 0
 
+    async def wait(self) -> None:
+        """Until every command is answered; the first error, if any, raised."""
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+
     def finish_one(self, error: BlockError | None) -> None:
         if error is not None and self.error is None:
             self.error = error

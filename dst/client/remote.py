@@ -135,6 +135,22 @@ class RemoteVolume:
         """Complete ``bio`` on the server.  With ``early``, set that event as soon as the
         whole bio was handed to the socket (``stage="sent"``) or the server said it received
         it (``"received"``, writes only) — replication protocols A and B."""
+        self._check_submit(bio)
+        if int(bio.flags) & _FAILFAST:
+            await self._submit_failfast(bio)
+        else:
+            await self._submit(bio, Transaction(0, early=early, stage=stage))
+
+    async def start(self, bio: Bio) -> Transaction:
+        """Send ``bio`` (not FAILFAST) and return its transaction: ``await txn.wait()``
+        completes it.  A caller overlaps its own work with the server's without a task of its
+        own (the replicated write path: send to the peer, write locally, then wait)."""
+        self._check_submit(bio)
+        txn = Transaction(0)
+        await self._start(bio, txn)
+        return txn
+
+    def _check_submit(self, bio: Bio) -> None:
         if self._closed:
             raise closed_error(f"volume {self.config.volume!r}")
         if self.fenced:
@@ -142,12 +158,13 @@ class RemoteVolume:
         if self._slots is None or (self._link is None and not self.config.resend):
             raise BlockError(errno.ENOTCONN, f"not connected to {self.config.address}")
         validate_bio(bio, self._limits, self._size)
-        if int(bio.flags) & _FAILFAST:
-            await self._submit_failfast(bio)
-        else:
-            await self._submit(bio, Transaction(0, early=early, stage=stage))
 
     async def _submit(self, bio: Bio, txn: Transaction) -> None:
+        await self._start(bio, txn)
+        await txn.wait()
+
+    async def _start(self, bio: Bio, txn: Transaction) -> None:
+        """Send every command of ``bio``'s transaction (waiting for free slots)."""
         assert self._slots is not None
         pieces = split(bio, self._limits)
         txn.remaining = txn.early_left = len(pieces)
@@ -163,9 +180,6 @@ class RemoteVolume:
             self._pending[(tid, sub)] = cmd
             self.stats.commands += 1
             await self._send(cmd)
-        await txn.done.wait()
-        if txn.error is not None:
-            raise txn.error
 
     # -- FAILFAST (module docstring) ----------------------------------------------------------
 

@@ -10,8 +10,7 @@ When every slot holds a write in flight, the next write waits for one to end.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from types import TracebackType
 
 import trio
 
@@ -27,23 +26,48 @@ class ActiveWrites:
         self.al = al
         self._freed = trio.Event()
 
-    @asynccontextmanager
-    async def writing(self, offset: int, length: int) -> AsyncIterator[None]:
-        al = self.al
+    def writing(self, offset: int, length: int) -> _Writing:
+        """``async with``: the write's extents active on disk for the block's duration."""
+        return _Writing(self, offset, length)
+
+    def _ended(self, offset: int, length: int) -> None:
+        assert self.al is not None
+        self.al.end(offset, length)
+        self._freed.set()
+        self._freed = trio.Event()
+
+
+class _Writing:
+    """One write's hold (a class, not a generator: this is on every write's path)."""
+
+    __slots__ = ("_length", "_offset", "_owner")
+
+    def __init__(self, owner: ActiveWrites, offset: int, length: int) -> None:
+        self._owner, self._offset, self._length = owner, offset, length
+
+    async def __aenter__(self) -> None:
+        owner = self._owner
+        al = owner.al
         if al is None:
-            yield
             return
         while True:
             try:
-                must_commit = al.begin(offset, length)
+                must_commit = al.begin(self._offset, self._length)
                 break
             except ActivityLogFullError:
-                await self._freed.wait()  # every slot holds a write in flight
-        try:
-            if must_commit:
+                await owner._freed.wait()  # every slot holds a write in flight
+        if must_commit:
+            try:
                 await trio.to_thread.run_sync(al.commit)
-            yield
-        finally:
-            al.end(offset, length)
-            self._freed.set()
-            self._freed = trio.Event()
+            except BaseException:
+                owner._ended(self._offset, self._length)
+                raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._owner.al is not None:
+            self._owner._ended(self._offset, self._length)
