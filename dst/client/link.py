@@ -121,10 +121,18 @@ class Link:
         await self._broken.wait()
 
     async def send(self, msg: Message, data: Sequence[Buffer] = ()) -> None:
+        await self.send_many(((msg, data),))
+
+    async def send_many(self, frames: Sequence[tuple[Message, Sequence[Buffer]]]) -> None:
+        """Send frames back to back in one gathered write (a transaction's commands)."""
         if self._broken.is_set():
             raise LinkBroken(self.reason)
-        self.conn.send(msg)
-        await self.framed.send(encode_frame(msg, data), data)
+        parts: list[Buffer] = []
+        for msg, data in frames:
+            self.conn.send(msg)
+            parts.append(encode_frame(msg, data))
+            parts.extend(data)
+        await self.framed.send_parts(parts)
 
     async def run_reader(self) -> None:
         try:

@@ -170,16 +170,20 @@ class RemoteVolume:
         txn.remaining = txn.early_left = len(pieces)
         tid = next(self._ids)
         self.stats.transactions += 1
+        batch: list[Command] = []  # sent together when the next slot must be waited for
         for sub, piece in enumerate(pieces):
             try:  # a free slot is taken without a trip through the scheduler
                 self._slots.acquire_nowait()
             except trio.WouldBlock:
+                await self._send_batch(batch)
+                batch = []
                 await self._slots.acquire()
             cmd = Command(tid, sub, piece, txn)
             txn.commands.append(cmd)
             self._pending[(tid, sub)] = cmd
             self.stats.commands += 1
-            await self._send(cmd)
+            batch.append(cmd)
+        await self._send_batch(batch)
 
     # -- FAILFAST (module docstring) ----------------------------------------------------------
 
@@ -236,6 +240,32 @@ class RemoteVolume:
 
     # -- sending ---------------------------------------------------------------------------
 
+    async def _send_batch(self, cmds: list[Command]) -> None:
+        """Send new commands in one gathered write on the current link (a 1 MiB write to a
+        replication peer is 32 of them); without a link, one by one as :meth:`_send` does."""
+        link = self._link
+        if len(cmds) <= 1 or link is None:
+            for cmd in cmds:
+                await self._send(cmd)
+            return
+        frames = []
+        now = trio.current_time()
+        for cmd in cmds:
+            cmd.generation, cmd.sent_at = link.generation, now
+            data = cmd.piece.views() if cmd.piece.op is Op.WRITE else ()
+            msg = request_message(cmd, link.handle, link.epoch, self.config.page_size)
+            frames.append((msg, data))
+        try:
+            await link.send_many(frames)
+        except (LinkBroken, trio.BrokenResourceError, trio.ClosedResourceError):
+            link.broken("send failed")  # pending: the next link resends them
+            return
+        except trio.Cancelled:
+            link.broken("send cancelled")
+            raise
+        for cmd in cmds:
+            _sent(cmd)
+
     async def _send(self, cmd: Command) -> None:
         """Send ``cmd`` on the current link, waiting for one if there is none.  A command
         whose link breaks stays pending; the next link resends it."""
@@ -268,8 +298,7 @@ class RemoteVolume:
                 # on the wire and the connection state counts it; the link is not usable again.
                 link.broken("send cancelled")
                 raise
-            if cmd.txn.stage == "sent" or (cmd.txn.stage and cmd.piece.op is not Op.WRITE):
-                cmd.txn.reached(cmd)
+            _sent(cmd)
             return
 
     def _down_message(self) -> str:
@@ -601,3 +630,9 @@ async def _first_link(remote: RemoteVolume, claim_wait_s: float) -> Link:
                 raise
             log.info("volume=%s event=claim_waiting reason=%r", remote.config.volume, str(exc))
             await trio.sleep(0.2)
+
+
+def _sent(cmd: Command) -> None:
+    """``cmd`` is on the wire: the early stage of protocol A (and of every non-write)."""
+    if cmd.txn.stage == "sent" or (cmd.txn.stage and cmd.piece.op is not Op.WRITE):
+        cmd.txn.reached(cmd)
