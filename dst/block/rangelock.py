@@ -10,8 +10,6 @@ loses the race simply waits again.
 
 from __future__ import annotations
 
-from types import TracebackType
-
 import trio
 
 __all__ = ["RangeLocks"]
@@ -49,11 +47,6 @@ class _Hold:
             await busy.wait()
         self._held.append(self._entry)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self._held.remove(self._entry)
         self._entry[2].set()

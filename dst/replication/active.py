@@ -10,8 +10,6 @@ When every slot holds a write in flight, the next write waits for one to end.
 
 from __future__ import annotations
 
-from types import TracebackType
-
 import trio
 
 from dst.replication.activity_log import ActivityLog, ActivityLogFullError
@@ -63,11 +61,6 @@ class _Writing:
                 owner._ended(self._offset, self._length)
                 raise
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         if self._owner.al is not None:
             self._owner._ended(self._offset, self._length)
