@@ -6,7 +6,8 @@ Everything a block layer needs, re-exported from its module:
   :data:`SECTOR_SIZE` and :func:`validate_bio`, the edge check;
 - :mod:`dst.block.limits` — :class:`Limits` and how they stack;
 - :mod:`dst.block.split` — :func:`split`, which cuts any valid bio to any valid limits;
-- :mod:`dst.block.layer` — the :class:`BlockLayer` protocol and :func:`submit_split`;
+- :mod:`dst.block.layer` — the :class:`BlockLayer` and :class:`StartingLayer` protocols and
+  :func:`submit_split`;
 - :mod:`dst.block.memory`, :mod:`dst.block.file` — the stores at the bottom of a stack.
 """
 
@@ -16,6 +17,8 @@ from dst.block.bio import SECTOR_SIZE, Bio, BioFlags, Op, Segment, validate_bio
 from dst.block.file import IO_THREADS, IOV_MAX, FileStore
 from dst.block.layer import (
     BlockLayer,
+    Pending,
+    StartingLayer,
     StoreCounters,
     StoreStatistics,
     closed_error,
@@ -37,7 +40,9 @@ __all__ = [
     "Limits",
     "MemoryStore",
     "Op",
+    "Pending",
     "Segment",
+    "StartingLayer",
     "StoreCounters",
     "StoreStatistics",
     "closed_error",

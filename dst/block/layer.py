@@ -20,11 +20,17 @@ The contract, which ``tests/conformance/check.py`` checks for every layer:
   enters the stack.  Middle layers rely on it.  The stores at the bottom (MemoryStore,
   FileStore) validate again in ``submit``, because nothing guarantees an edge sits above them.
 - ``aclose()`` is idempotent; a ``submit`` after it raises BlockError(ESHUTDOWN).
+
+A layer may also offer ``start(bio)`` (:class:`StartingLayer`): it sends the bio on its way and
+returns a :class:`Pending` whose callbacks run when the bio completes — the kernel's
+``bi_end_io`` rather than a task that waits.  An edge with many bios in flight (the NBD
+bridge) then needs no task per bio; ``submit`` stays the contract every layer keeps.
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -35,7 +41,15 @@ from dst.block.limits import Limits
 from dst.block.split import split
 from dst.errors import BlockError
 
-__all__ = ["BlockLayer", "StoreCounters", "StoreStatistics", "closed_error", "submit_split"]
+__all__ = [
+    "BlockLayer",
+    "Pending",
+    "StartingLayer",
+    "StoreCounters",
+    "StoreStatistics",
+    "closed_error",
+    "submit_split",
+]
 
 
 @runtime_checkable
@@ -58,6 +72,32 @@ class BlockLayer(Protocol):
 
     async def aclose(self) -> None:
         """Release what the layer holds; idempotent."""
+        ...
+
+
+class Pending(Protocol):
+    """A started bio: ``error`` is its outcome once ``then``'s callbacks run."""
+
+    error: BlockError | None
+
+    def then(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (which must not raise or wait) when the bio has completed; at
+        once if it already has."""
+        ...
+
+
+@runtime_checkable
+class StartingLayer(BlockLayer, Protocol):
+    """A layer that can also start a bio and call back on its completion."""
+
+    @property
+    def can_start(self) -> bool:
+        """False where a layer passes bios to one that cannot start them."""
+        ...
+
+    async def start(self, bio: Bio) -> Pending:
+        """Send ``bio`` (valid, and not FAILFAST) on its way or raise BlockError; the bio's
+        buffers belong to the layer until the Pending's callbacks run."""
         ...
 
 

@@ -6,6 +6,7 @@ A bio becomes a :class:`Transaction` of one :class:`Command` per piece (seed 003
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -83,6 +84,8 @@ class Transaction:
     early: trio.Event | None = None
     stage: str = ""
     early_left: int = 0
+    #: Called once every command is answered (:meth:`then`, the Pending protocol).
+    callbacks: list[Callable[[], None]] | None = None
 
     async def wait(self) -> None:
         """Until every command is answered; the first error, if any, raised."""
@@ -90,12 +93,23 @@ class Transaction:
         if self.error is not None:
             raise self.error
 
+    def then(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every command is answered (at once if they are)."""
+        if self.done.is_set():
+            callback()
+        elif self.callbacks is None:
+            self.callbacks = [callback]
+        else:
+            self.callbacks.append(callback)
+
     def finish_one(self, error: BlockError | None) -> None:
         if error is not None and self.error is None:
             self.error = error
         self.remaining -= 1
         if self.remaining == 0:
             self.done.set()
+            for callback in self.callbacks or ():
+                callback()
 
     def reached(self, cmd: Command) -> None:
         """``cmd`` reached the early stage (or completed)."""

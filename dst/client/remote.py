@@ -67,6 +67,9 @@ _FAILFAST = int(BioFlags.FAILFAST)  # tested per bio: int & int, not IntFlag's s
 class RemoteVolume:
     """The client side of one attached volume (see the module docstring)."""
 
+    #: A StartingLayer: :meth:`start` sends a bio and returns its Transaction (a Pending).
+    can_start = True
+
     def __init__(self, config: RemoteConfig) -> None:
         self.config = config
         # A command's page list must stay within MAX_PAGE_RUNS runs: a request covers at most
@@ -143,8 +146,9 @@ class RemoteVolume:
 
     async def start(self, bio: Bio) -> Transaction:
         """Send ``bio`` (not FAILFAST) and return its transaction: ``await txn.wait()``
-        completes it.  A caller overlaps its own work with the server's without a task of its
-        own (the replicated write path: send to the peer, write locally, then wait)."""
+        completes it, or ``txn.then(callback)`` is called back (the Pending protocol).  A
+        caller overlaps its own work with the server's without a task of its own (the
+        replicated write path: send to the peer, write locally, then wait; the NBD bridge)."""
         self._check_submit(bio)
         txn = Transaction(0)
         await self._start(bio, txn)

@@ -21,7 +21,7 @@ import logging
 
 import trio
 
-from dst.block import Bio, Limits, Op
+from dst.block import Bio, Limits, Op, Pending, StartingLayer
 from dst.block.layer import BlockLayer
 from dst.errors import BlockError
 
@@ -50,17 +50,40 @@ class Handoff:
         return self.below.size
 
     async def submit(self, bio: Bio) -> None:
+        self._enter()
+        try:
+            await self.below.submit(bio)
+        finally:
+            self._leave()
+
+    @property
+    def can_start(self) -> bool:
+        return isinstance(self.below, StartingLayer) and self.below.can_start
+
+    async def start(self, bio: Bio) -> Pending:
+        """The StartingLayer path (the bridge's): counted in flight until its callbacks run."""
+        if not isinstance(self.below, StartingLayer) or not self.below.can_start:
+            raise TypeError(f"{type(self.below).__name__} cannot start a bio")
+        self._enter()
+        try:
+            pending = await self.below.start(bio)
+        except BaseException:
+            self._leave()
+            raise
+        pending.then(self._leave)
+        return pending
+
+    def _enter(self) -> None:
         if self.releasing:
             raise BlockError(errno.ESHUTDOWN, f"volume {self.name!r} is being handed over")
         if not self._in_flight:
             self._idle = trio.Event()
         self._in_flight += 1
-        try:
-            await self.below.submit(bio)
-        finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
 
     async def release(self, timeout_s: float = 30.0) -> bool:
         """Refuse new requests, finish those under way, FLUSH.  True if all finished."""

@@ -9,8 +9,10 @@ a WRITE's payload is read, so a flooding client meets TCP backpressure, not our 
 payloads land in the buffer that becomes the bio; READ data leaves the bio's buffer behind its
 header in one ``writev``; replies go in completion order, coalesced (:mod:`dst.net.stream`).
 Bios go through :func:`~dst.block.submit_split`, so the layer sees only bios within its
-limits (seed 000).  A connection's failure never reaches the listener.  Logs:
-``peer=... export=... event=...``.
+limits (seed 000).  Where the layer is a StartingLayer (a bridge to one server), a READ or
+WRITE takes no task: the reader starts it, its completion callback queues the reply, and one
+answering task sends the queued replies together.  A connection's failure never reaches the
+listener.  Logs: ``peer=... export=... event=...``.
 """
 
 from __future__ import annotations
@@ -18,24 +20,34 @@ from __future__ import annotations
 import errno
 import logging
 import ssl
-from collections import deque
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
-from dst.block import Bio, BioFlags, BlockLayer, Op, submit_split, validate_bio
+from dst.block import (
+    Bio,
+    BioFlags,
+    BlockLayer,
+    Op,
+    Pending,
+    StartingLayer,
+    submit_split,
+    validate_bio,
+)
 from dst.block.buffers import SpareBuffers
 from dst.errors import BlockError, ProtocolError, RemoteProtocolError
 from dst.iostats import IoStats
 from dst.nbd import protocol as p
 from dst.nbd import transmission as tx
+from dst.nbd.flow import Budget, Wire
 from dst.nbd.handshake import NeedData, OptionAnswered, Ready, ServerHandshake, StartTls
 from dst.nbd.protocol import Command, CommandFlags, ExportInfo, Reply, check_exports, export_info
 from dst.nbd.transmission import Request, Session
 from dst.net.endpoints import Address, is_loopback
-from dst.net.stream import ByteStream, describe
+from dst.net.stream import describe
 from dst.security.tls import TlsConfig, require_peer_role, server_context
 
 __all__ = ["NbdExport", "serve_nbd"]
@@ -47,9 +59,6 @@ log = logging.getLogger("dst.nbd")
 HANDSHAKE_TIMEOUT_S = 10.0
 #: A graceful close (TLS close_notify after NBD_CMD_DISC) may take this long, then we drop.
 CLOSE_TIMEOUT_S = 5.0
-#: A client that leaves a reply unread or a WRITE payload unsent this long is dropped: it holds
-#: budget that every connection shares (a slowloris on the data path).
-STALL_TIMEOUT_S = 60.0
 #: Per-request tables (an IntFlag or IntEnum operation costs a microsecond or more; a request
 #: goes through these on the data path): NBD FUA/NO_HOLE → bio flags, command → metric label.
 _FLAGS_KEPT = int(CommandFlags.FUA | CommandFlags.NO_HOLE)
@@ -97,89 +106,6 @@ class NbdExport:
         return export_info(self.name, size, lbs, page_size, self.multi_conn, self.description)
 
 
-class _Budget:
-    """A FIFO byte budget: ``acquire(n)`` waits until ``n`` bytes are free."""
-
-    def __init__(self, total: int) -> None:
-        self._free, self._waiters = total, deque[tuple[int, trio.Event]]()
-
-    def acquire_nowait(self, n: int) -> bool:
-        """Take ``n`` bytes if they are free and nobody waits ahead; False otherwise."""
-        if self._waiters or n > self._free:
-            return False
-        self._free -= n
-        return True
-
-    async def acquire(self, n: int) -> None:
-        if not n:  # FLUSH and CACHE hold nothing: no reason to queue behind others
-            return await trio.lowlevel.checkpoint()
-        entry = (n, trio.Event())
-        self._waiters.append(entry)
-        self.release(0)  # granted at once if nobody waits ahead and n bytes are free
-        try:
-            await entry[1].wait()
-        except BaseException:  # cancelled: give back what was granted, or leave the queue
-            if not entry[1].is_set():
-                self._waiters.remove(entry)
-            self.release(n if entry[1].is_set() else 0)  # 0: wake whoever waited behind us
-            raise
-
-    def release(self, n: int) -> None:
-        self._free += n
-        while self._waiters and self._waiters[0][0] <= self._free:
-            size, event = self._waiters.popleft()
-            self._free -= size
-            event.set()
-
-
-class _Wire(ByteStream):
-    """One connection's transmission bytes (starting with any the client pipelined behind its
-    last option): request headers from the buffer, payloads straight into the bio's buffer,
-    replies as one ``writev``.  A client that stalls a payload or a reply for
-    STALL_TIMEOUT_S has broken the connection.  The deadline costs a cancel scope, so it is
-    only set up where a transfer may wait: a payload already in the buffer, or a reply the
-    socket takes at once, has none."""
-
-    def __init__(self, stream: trio.abc.Stream, *, initial: bytes = b"") -> None:
-        super().__init__(stream, initial=initial)
-        self.send_stall_s = STALL_TIMEOUT_S
-
-    async def read_header(self) -> Request | None:
-        """The next request, or None at a clean end of stream."""
-        raw = await self.read_first(p.REQUEST.size, "request header")
-        return None if raw is None else tx.parse_request(raw)
-
-    async def read_payload(self, view: memoryview) -> None:
-        if self._end - self._start >= len(view):
-            return await self.read_into([view], "a WRITE payload")
-        with _stall("WRITE payload not sent"):
-            await self.read_into([view], "a WRITE payload")
-
-    async def skip_payload(self, length: int) -> None:
-        with _stall("WRITE payload not sent"):
-            await self.skip(length, "a WRITE payload")
-
-    async def send_reply(self, *parts: bytes | memoryview) -> None:
-        message = [part for part in parts if len(part)]
-        try:
-            if self._sock is not None:  # each wait for the socket is bounded (send_stall_s)
-                return await self.send_parts(message)
-            with trio.fail_after(STALL_TIMEOUT_S):  # TLS: no writev, one deadline per reply
-                await self.send_parts(message)
-        except trio.TooSlowError:
-            raise trio.BrokenResourceError(f"reply not read for {STALL_TIMEOUT_S} s") from None
-
-
-@contextmanager
-def _stall(what: str) -> Iterator[None]:
-    """One transfer under STALL_TIMEOUT_S; a peer that stalls it has broken the connection."""
-    try:
-        with trio.fail_after(STALL_TIMEOUT_S):
-            yield
-    except trio.TooSlowError:
-        raise trio.BrokenResourceError(f"{what} for {STALL_TIMEOUT_S} s") from None
-
-
 class _Connection:
     def __init__(self, bridge: _Bridge, stream: trio.SocketStream) -> None:
         self.bridge = bridge
@@ -193,7 +119,13 @@ class _Connection:
         self._structured = False
         self._layer: BlockLayer | None = None
         self._slots = trio.Semaphore(MAX_INFLIGHT)
-        self._budget = _Budget(MAX_CONNECTION_BYTES)
+        self._budget = Budget(MAX_CONNECTION_BYTES)
+        # Started requests (StartingLayer): how many are out, the finished ones waiting for
+        # their reply, and the event that wakes the answering task.
+        self._started = 0
+        self._answers: list[_Started] = []
+        self._answer_wake = trio.Event()
+        self._reading = True
 
     def _log(self, level: int, event: str, detail: str = "") -> None:
         log.log(level, "peer=%s export=%s event=%s%s", self.peer, self.export, event, detail)
@@ -261,14 +193,19 @@ class _Connection:
         self._structured, self._layer = sr, self.bridge.layers[ready.export.name]
         self._log(logging.INFO, "ready", f" flags=0x{ready.flags:x} sr={sr}")
         session = Session.for_export(ready.export, flags=ready.flags, structured_replies=sr)
-        self.wire = _Wire(self.stream, initial=trailing)
-        self.wire.in_flight = lambda: MAX_INFLIGHT - self._slots.value
+        self.wire = Wire(self.stream, initial=trailing)
+        # Replies another task may queue behind the sender's (started ones go in batches).
+        self.wire.in_flight = lambda: MAX_INFLIGHT - self._slots.value - self._started
         async with trio.open_nursery() as tasks:
+            tasks.start_soon(self._answer)
             try:
                 reason: str | Exception = await self._read(tasks, session)
             except (RemoteProtocolError, *_TRANSPORT_ERRORS) as exc:
                 reason = exc  # raised once the in-flight bios have finished; their replies
                 await trio.aclose_forcefully(self.stream)  # fail fast on the dropped socket
+            finally:
+                self._reading = False
+                self._answer_wake.set()
         if isinstance(reason, Exception):
             raise reason
         if reason == "disc":
@@ -277,6 +214,8 @@ class _Connection:
         return reason
 
     async def _read(self, tasks: trio.Nursery, session: Session) -> str:
+        layer = self._layer
+        start = layer.start if isinstance(layer, StartingLayer) and layer.can_start else None
         while True:
             req = await self.wire.read_header()
             if req is None or req.command == Command.DISC:
@@ -300,7 +239,10 @@ class _Connection:
             except BaseException:
                 self._release(cost)  # the bridge-wide budget outlives this connection
                 raise
-            tasks.start_soon(self._execute, req, buf, cost)
+            if start is not None and buf is not None:
+                await self._start(start, req, buf, cost)
+            else:
+                tasks.start_soon(self._execute, req, buf, cost)
 
     async def _admit(self, cost: int) -> None:
         """A slot and ``cost`` bytes of both budgets.  While they are free this takes no trip
@@ -328,8 +270,7 @@ class _Connection:
             try:
                 await self._submit(req, buf)
             except BlockError as exc:
-                self._log(logging.WARNING, "request_failed", f" {req.describe()} error={exc}")
-                return await self._reply_error(req, exc)
+                return await self._reply(self._failed(req, exc))
             ok = True
             if buf is not None and req.command == Command.READ:
                 sr = self._structured
@@ -344,6 +285,70 @@ class _Connection:
             op = _OP_NAMES.get(req.command) or p.name_of(Command, req.command).lower()
             io.end(self.export, op, req.length, started, ok=ok)
 
+    async def _start(
+        self,
+        start: Callable[[Bio], Awaitable[Pending]],
+        req: Request,
+        buf: bytearray,
+        cost: int,
+    ) -> None:
+        """Start a READ or WRITE on a StartingLayer; its callback queues the reply."""
+        layer = self._layer
+        assert layer is not None
+        done = _Started(req, buf, cost, self.bridge.io.begin())
+        bio = _buffer_bio(req, buf)
+        try:
+            validate_bio(bio, layer.limits, layer.size)  # the edge check, once, here
+            done.pending = await start(bio)
+        except BlockError as exc:
+            done.error = exc
+        except BaseException:
+            self._release(cost)
+            raise
+        self._started += 1
+        if done.pending is None:
+            self._finished(done)
+        else:
+            done.pending.then(partial(self._finished, done))
+
+    def _finished(self, done: _Started) -> None:
+        if done.pending is not None:
+            done.error = done.pending.error
+        self._answers.append(done)
+        self._answer_wake.set()
+
+    async def _answer(self) -> None:
+        """Send the replies of finished started requests, all those queued at once together;
+        return when the reader is done and nothing started is still out."""
+        while self._reading or self._started:
+            if not self._answers:
+                await self._answer_wake.wait()
+                self._answer_wake = trio.Event()
+                continue
+            batch, self._answers = self._answers, []
+            parts: list[bytes | memoryview] = []
+            sr = self._structured
+            for done in batch:
+                req = done.req
+                if done.error is not None:
+                    parts.append(self._failed(req, done.error))
+                elif req.command == Command.READ:
+                    parts.append(
+                        tx.read_reply_header(req.handle, req.offset, len(done.buf), structured=sr)
+                    )
+                    parts.append(memoryview(done.buf))
+                else:
+                    parts.append(tx.ok_reply(req.handle))
+            await self._reply(*parts)
+            io, spare = self.bridge.io, self.bridge.spare
+            for done in batch:
+                req, ok = done.req, done.error is None
+                if ok and not self.broken:  # in the kernel, and nobody fills it now
+                    spare.give_back(done.buf)
+                self._started -= 1
+                self._release(done.cost)
+                io.end(self.export, _OP_NAMES[req.command], req.length, done.began, ok=ok)
+
     async def _submit(self, req: Request, buf: bytearray | None) -> None:
         # READ, WRITE, FLUSH, TRIM, WRITE_ZEROES share their names with Op; CACHE has no bio:
         # it is a hint, judged and acknowledged.
@@ -352,10 +357,7 @@ class _Connection:
             return
         flags = _BIO_FLAGS[req.flags & _FLAGS_KEPT]
         if buf is not None:
-            # One contiguous buffer, one segment: the link below describes it to the server
-            # as runs of its pages (page_runs), so cutting it into page-sized segments here
-            # only cost (a 1 MiB request: 256 segments made, checked and merged again).
-            bios = [Bio.from_buffer(op, req.offset, buf, page_size=len(buf), flags=flags)]
+            bios = [_buffer_bio(req, buf)]
         elif op is Op.FLUSH:
             bios = [Bio(Op.FLUSH, 0, 0, flags=flags)]
         else:  # TRIM/WRITE_ZEROES in sequential chunks: no wider fan-out than a maximal READ
@@ -370,6 +372,11 @@ class _Connection:
         sr = self._structured
         await self._reply(tx.error_reply(req.handle, exc.errno, str(exc), structured=sr))
 
+    def _failed(self, req: Request, exc: BlockError) -> bytes:
+        """Log a request the layer failed; its error reply."""
+        self._log(logging.WARNING, "request_failed", f" {req.describe()} error={exc}")
+        return tx.error_reply(req.handle, exc.errno, str(exc), structured=self._structured)
+
     async def _reply(self, *parts: bytes | memoryview) -> None:
         try:
             await self.wire.send_reply(*parts)
@@ -378,6 +385,27 @@ class _Connection:
                 self.broken = describe(exc)
                 self._log(logging.WARNING, "reply_failed", f" reason={self.broken!r}")
             await trio.aclose_forcefully(self.stream)
+
+
+def _buffer_bio(req: Request, buf: bytearray) -> Bio:
+    """A READ or WRITE over its request buffer.  One contiguous buffer, one segment: the link
+    below describes it to the server as runs of its pages (page_runs), so cutting it into
+    page-sized segments here only cost (a 1 MiB request: 256 segments made, checked and
+    merged again)."""
+    flags = _BIO_FLAGS[req.flags & _FLAGS_KEPT]
+    return Bio.from_buffer(_OPS[req.command], req.offset, buf, page_size=len(buf), flags=flags)
+
+
+@dataclass(slots=True)
+class _Started:
+    """A READ or WRITE started on a StartingLayer, until its reply is sent."""
+
+    req: Request
+    buf: bytearray
+    cost: int
+    began: float
+    pending: Pending | None = None
+    error: BlockError | None = None
 
 
 class _Bridge:
@@ -396,7 +424,7 @@ class _Bridge:
         self.infos = [e.info(page_size) for e in exports]
         check_exports(self.infos)
         self.context = server_context(tls) if tls is not None else None
-        self.budget = _Budget(MAX_BRIDGE_BYTES)
+        self.budget = Budget(MAX_BRIDGE_BYTES)
         self.spare = SpareBuffers(SPARE_BYTES)
 
     async def handle(self, stream: trio.SocketStream) -> None:

@@ -28,7 +28,7 @@ import trio.testing
 
 from dst.block import Bio, BlockLayer, FileStore, Limits, MemoryStore, Op
 from dst.errors import BlockError, ConfigError
-from dst.nbd import bridge as nbd_bridge
+from dst.nbd import flow
 from dst.nbd import protocol as p
 from dst.nbd.bridge import MAX_CONNECTION_BYTES, MAX_INFLIGHT, NbdExport, serve_nbd
 from dst.nbd.protocol import Command, Info, Option, Reply
@@ -377,7 +377,7 @@ async def test_clients_that_stall_replies_or_payloads_are_dropped(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Both would otherwise pin budget every connection shares, for as long as they like.
-    monkeypatch.setattr(nbd_bridge, "STALL_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(flow, "STALL_TIMEOUT_S", 0.5)
     caplog.set_level(logging.INFO, logger="dst.nbd")
     async with bridge(NbdExport("vol0", MemoryStore(64 * MiB))) as address:
         reader = await RawClient.connect(address)  # asks for 64 MiB and reads none of it
@@ -404,7 +404,7 @@ async def test_clients_that_stall_replies_or_payloads_are_dropped(
 
 
 async def test_the_byte_budget_is_fifo_and_cancellation_safe() -> None:
-    budget = nbd_bridge._Budget(10)
+    budget = flow.Budget(10)
     await budget.acquire(8)
     got: list[str] = []
 
