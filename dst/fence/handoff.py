@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -40,6 +41,10 @@ class Handoff:
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
+        # Looked up once: an isinstance check against a Protocol is slow on the data path.
+        self._start_below: Callable[[Bio], Awaitable[Pending]] | None = None
+        if isinstance(below, StartingLayer) and below.can_start:
+            self._start_below = below.start
 
     @property
     def limits(self) -> Limits:
@@ -58,15 +63,15 @@ class Handoff:
 
     @property
     def can_start(self) -> bool:
-        return isinstance(self.below, StartingLayer) and self.below.can_start
+        return self._start_below is not None
 
     async def start(self, bio: Bio) -> Pending:
         """The StartingLayer path (the bridge's): counted in flight until its callbacks run."""
-        if not isinstance(self.below, StartingLayer) or not self.below.can_start:
+        if self._start_below is None:
             raise TypeError(f"{type(self.below).__name__} cannot start a bio")
         self._enter()
         try:
-            pending = await self.below.start(bio)
+            pending = await self._start_below(bio)
         except BaseException:
             self._leave()
             raise

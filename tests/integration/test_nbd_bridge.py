@@ -36,6 +36,7 @@ from dst.net.endpoints import Address
 from dst.security.certs import init_ca, issue
 from dst.security.tls import TlsConfig, client_context
 from tests.integration.nbdtools import run, text
+from tests.integration.starting import Starting
 
 MiB = 1 << 20
 #: A test step over loopback; only keeps a broken test from hanging.
@@ -56,6 +57,18 @@ async def bridge(
             yield address
         finally:
             nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def bridge_over(layer: BlockLayer, path: str) -> AsyncIterator[Address]:
+    """``bridge`` over ``layer`` as export vol0.  ``path`` is how the bridge runs a READ or
+    WRITE: a task each ("task"), or started on a StartingLayer ("started": the path of a bridge
+    to a server, here over tests/integration/starting.py)."""
+    async with trio.open_nursery() as below:
+        top = layer if path == "task" else Starting(layer, below)
+        async with bridge(NbdExport("vol0", top)) as address:
+            yield address
+        below.cancel_scope.cancel()
 
 
 def uri(address: Address, name: str = "vol0") -> str:
@@ -316,7 +329,8 @@ async def test_qemu_io_misaligned_io_over_a_strict_32k_boundary_store() -> None:
     assert watch.seen > len(commands)  # split into many more bios than requests
 
 
-async def test_many_requests_in_flight_and_the_slot_cap() -> None:
+@pytest.mark.parametrize("path", ["task", "started"])
+async def test_many_requests_in_flight_and_the_slot_cap(path: str) -> None:
     # The layer holds every bio until MAX_INFLIGHT of them wait at once — which only happens
     # if the bridge runs that many requests concurrently — and no more ever arrive.
     watch = Watch(MemoryStore(4 * MiB), gate=trio.Event())
@@ -329,7 +343,7 @@ while h.aio_in_flight() > 0:
 bad = [i for i in range(512) if h.pread(4096, i * 4096) != bytes([i % 251]) * 4096]
 print("bad", bad)
 """
-    async with bridge(NbdExport("vol0", watch)) as address, trio.open_nursery() as nursery:
+    async with bridge_over(watch, path) as address, trio.open_nursery() as nursery:
 
         async def client() -> None:
             assert "bad []" in await nbdsh(address, script)
@@ -428,7 +442,8 @@ async def test_the_byte_budget_is_fifo_and_cancellation_safe() -> None:
     assert scope.cancelled_caught
 
 
-async def test_replies_leave_in_completion_order() -> None:
+@pytest.mark.parametrize("path", ["task", "started"])
+async def test_replies_leave_in_completion_order(path: str) -> None:
     slow = trio.Event()
 
     class SlowAtZero(MemoryStore):
@@ -437,7 +452,7 @@ async def test_replies_leave_in_completion_order() -> None:
                 await slow.wait()
             await super().submit(bio)
 
-    async with bridge(NbdExport("vol0", SlowAtZero(MiB))) as address:
+    async with bridge_over(SlowAtZero(MiB), path) as address:
         client = await RawClient.connect(address)
         await client.go()
         await client.request(Command.READ, 0, 512, handle=1)
@@ -454,8 +469,9 @@ async def test_replies_leave_in_completion_order() -> None:
         assert await client.until_closed() == b""
 
 
+@pytest.mark.parametrize("path", ["task", "started"])
 async def test_layer_errors_are_answered_and_bugs_cost_only_their_connection(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, path: str
 ) -> None:
     script = """
 try:
@@ -464,19 +480,23 @@ except nbd.Error as e:
     print("errno", e.errno)  # libnbd gives the name
 print("after", h.pread(512, 0) == bytes(512))
 """
-    async with bridge(NbdExport("vol0", Failing(4 * MiB))) as address:
+    async with bridge_over(Failing(4 * MiB), path) as address:
         out = await nbdsh(address, script)
         assert "errno EIO" in out and "after True" in out
-        crashed = await run(
-            ["nbdsh", "-u", uri(address), "-c", "h.pread(512, 2 * 1024 * 1024)"],
-            debian=True,
-            check=False,
-        )
-        assert crashed.returncode != 0
-        assert "after True" in await nbdsh(address, script)  # still serving
-    assert any("event=crashed" in r.getMessage() for r in caplog.records)
-    failed = [r for r in caplog.records if "event=request_failed" in r.getMessage()]
-    assert failed and all(r.levelname == "WARNING" for r in failed)
+        if path == "task":  # a started bio's bug is its layer's (RemoteVolume's link reader)
+            crashed = await run(
+                ["nbdsh", "-u", uri(address), "-c", "h.pread(512, 2 * 1024 * 1024)"],
+                debian=True,
+                check=False,
+            )
+            assert crashed.returncode != 0
+            assert "after True" in await nbdsh(address, script)  # still serving
+            assert any("event=crashed" in r.getMessage() for r in caplog.records)
+    failed = [r.getMessage() for r in caplog.records if "event=request_failed" in r.getMessage()]
+    assert failed and all("the disk said no" in line for line in failed)
+    assert all(
+        r.levelname == "WARNING" for r in caplog.records if "request_failed" in r.getMessage()
+    )
 
 
 async def test_bad_configuration_is_refused_before_listening() -> None:

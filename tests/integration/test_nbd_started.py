@@ -1,30 +1,28 @@
 """The bridge's started path: over a StartingLayer (a bridge to one server: Handoff over a
 RemoteVolume) a READ or WRITE takes no task; the reader starts it, its completion callback
-queues the reply and one task answers.  The bounds and answers the task path keeps
-(tests/integration/test_nbd_bridge.py) must hold here too, and the real stack must take it.
+queues the reply and one task answers.  The slot cap, completion order and error answers are
+tests/integration/test_nbd_bridge.py's, run on both paths; here, what only this path has.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 
-from dst.block import Bio, BlockLayer, Limits, MemoryStore, Op
+from dst.block import MemoryStore
 from dst.client import open_remote
-from dst.errors import BlockError
 from dst.fence.handoff import Handoff
 from dst.nbd import bridge as nbd_bridge
-from dst.nbd.bridge import MAX_INFLIGHT, NbdExport
+from dst.nbd.bridge import NbdExport
 from dst.nbd.protocol import Command
 from dst.nbd.transmission import Request
 from tests.integration.harness import running_server
+from tests.integration.starting import Starting
 from tests.integration.test_nbd_bridge import (
     STEP_S,
-    Failing,
     RawClient,
     Watch,
     bridge,
@@ -33,63 +31,6 @@ from tests.integration.test_nbd_bridge import (
 )
 
 MiB = 1 << 20
-
-
-class _Done:
-    """A Pending: the outcome of one started bio."""
-
-    def __init__(self) -> None:
-        self.error: BlockError | None = None
-        self.finished = False
-        self.callbacks: list[Callable[[], None]] = []
-
-    def then(self, callback: Callable[[], None]) -> None:
-        if self.finished:
-            callback()
-        else:
-            self.callbacks.append(callback)
-
-    def finish(self) -> None:
-        self.finished = True
-        for callback in self.callbacks:
-            callback()
-
-
-class Starting:
-    """A StartingLayer over any layer: each started bio runs in a task of the test's nursery
-    and calls back — the shape RemoteVolume has, around the test layers that gate or fail."""
-
-    can_start = True
-
-    def __init__(self, below: BlockLayer, nursery: trio.Nursery) -> None:
-        self.below, self.nursery = below, nursery
-
-    @property
-    def limits(self) -> Limits:
-        return self.below.limits
-
-    @property
-    def size(self) -> int:
-        return self.below.size
-
-    async def submit(self, bio: Bio) -> None:
-        await self.below.submit(bio)
-
-    async def start(self, bio: Bio) -> _Done:
-        done = _Done()
-
-        async def run() -> None:
-            try:
-                await self.below.submit(bio)
-            except BlockError as exc:
-                done.error = exc
-            done.finish()
-
-        self.nursery.start_soon(run)
-        return done
-
-    async def aclose(self) -> None:
-        await self.below.aclose()
 
 
 @pytest.fixture
@@ -104,81 +45,6 @@ def tasks_counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(nbd_bridge._Connection, "_execute", counted)
     return commands
-
-
-async def test_started_requests_keep_the_slot_cap(tasks_counted: list[int]) -> None:
-    watch = Watch(MemoryStore(4 * MiB), gate=trio.Event())
-    script = """
-bufs = [nbd.Buffer.from_bytearray(bytearray([i % 251]) * 4096) for i in range(256)]
-for i, buf in enumerate(bufs):
-    h.aio_pwrite(buf, i * 4096)
-while h.aio_in_flight() > 0:
-    h.poll(-1)
-bad = [i for i in range(256) if h.pread(4096, i * 4096) != bytes([i % 251]) * 4096]
-print("bad", bad)
-"""
-    async with trio.open_nursery() as below:
-        export = NbdExport("vol0", Starting(watch, below))
-        async with bridge(export) as address, trio.open_nursery() as nursery:
-
-            async def client() -> None:
-                assert "bad []" in await nbdsh(address, script)
-
-            nursery.start_soon(client)
-            with trio.fail_after(STEP_S * 3):
-                while watch.now_bios < MAX_INFLIGHT:
-                    await trio.sleep(0.01)
-            await trio.sleep(0.2)
-            assert watch.now_bios == MAX_INFLIGHT  # the 65th request waits for a slot
-            assert watch.gate is not None
-            watch.gate.set()
-    assert watch.max_bios == MAX_INFLIGHT and watch.seen == 512
-    assert Command.READ not in tasks_counted and Command.WRITE not in tasks_counted
-
-
-async def test_started_replies_leave_in_completion_order() -> None:
-    slow = trio.Event()
-
-    class SlowAtZero(MemoryStore):
-        async def submit(self, bio: Bio) -> None:
-            if bio.op is Op.READ and bio.offset == 0:
-                await slow.wait()
-            await super().submit(bio)
-
-    async with trio.open_nursery() as below:
-        async with bridge(NbdExport("vol0", Starting(SlowAtZero(MiB), below))) as address:
-            client = await RawClient.connect(address)
-            await client.go()
-            await client.request(Command.READ, 0, 512, handle=1)
-            await client.request(Command.WRITE, 8192, 512, handle=2)
-            await client.send(b"w" * 512)
-            assert await client.simple_reply() == (0, 2)
-            await client.request(Command.READ, 8192, 512, handle=3)
-            assert await client.simple_reply() == (0, 3)
-            assert await client.recv(512) == b"w" * 512
-            slow.set()
-            assert await client.simple_reply() == (0, 1)
-            await client.recv(512)
-            await client.request(Command.DISC)
-            assert await client.until_closed() == b""
-
-
-async def test_started_errors_are_answered_and_the_connection_goes_on(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    script = """
-try:
-    h.pread(512, 1024 * 1024)
-except nbd.Error as e:
-    print("errno", e.errno)
-print("after", h.pread(512, 0) == bytes(512))
-"""
-    async with trio.open_nursery() as below:
-        async with bridge(NbdExport("vol0", Starting(Failing(4 * MiB), below))) as address:
-            out = await nbdsh(address, script)
-    assert "errno EIO" in out and "after True" in out
-    failed = [r.getMessage() for r in caplog.records if "event=request_failed" in r.getMessage()]
-    assert len(failed) == 1 and "the disk said no" in failed[0]
 
 
 async def test_a_connection_dropped_with_started_requests_waits_for_them(
