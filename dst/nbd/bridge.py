@@ -226,7 +226,7 @@ class _Connection:
                 self.refused += 1
                 self._log(logging.WARNING, "bad_request", f" {req.describe()} reason={refused}")
                 await self.wire.skip_payload(req.payload_length)
-                await self._reply_error(req, refused)
+                await self._reply(self._error_reply(req, refused))
                 continue
             cost = tx.budget_bytes(req)
             await self._admit(cost)
@@ -263,27 +263,39 @@ class _Connection:
         self._slots.release()
 
     async def _execute(self, req: Request, buf: bytearray | None, cost: int) -> None:
-        # The one place a bridge request is timed and counted by export and op (metrics).
-        io, ok = self.bridge.io, False
-        started = io.begin()
+        began, error = self.bridge.io.begin(), None
         try:
             try:
                 await self._submit(req, buf)
             except BlockError as exc:
-                return await self._reply(self._failed(req, exc))
-            ok = True
-            if buf is not None and req.command == Command.READ:
-                sr = self._structured
-                head = tx.read_reply_header(req.handle, req.offset, len(buf), structured=sr)
-                await self._reply(head, memoryview(buf))
-            else:
-                await self._reply(tx.ok_reply(req.handle))
-            if buf is not None and not self.broken:  # in the kernel, and nobody fills it now
-                self.bridge.spare.give_back(buf)
+                error = exc
+            await self._reply(*self._answer_parts(req, buf, error))
         finally:
-            self._release(cost)
-            op = _OP_NAMES.get(req.command) or p.name_of(Command, req.command).lower()
-            io.end(self.export, op, req.length, started, ok=ok)
+            self._retire(req, buf, cost, began, error is None)
+
+    def _answer_parts(
+        self, req: Request, buf: bytearray | None, error: BlockError | None
+    ) -> list[bytes | memoryview]:
+        """A finished request's reply: the error, a READ's header and data, or OK."""
+        if error is not None:
+            self._log(logging.WARNING, "request_failed", f" {req.describe()} error={error}")
+            return [self._error_reply(req, error)]
+        if buf is not None and req.command == Command.READ:
+            sr = self._structured
+            head = tx.read_reply_header(req.handle, req.offset, len(buf), structured=sr)
+            return [head, memoryview(buf)]
+        return [tx.ok_reply(req.handle)]
+
+    def _retire(
+        self, req: Request, buf: bytearray | None, cost: int, began: float, ok: bool
+    ) -> None:
+        """A request's reply is sent (or cannot be): give back what it held, and count it —
+        the one place a bridge request is timed and counted by export and op (metrics)."""
+        if ok and buf is not None and not self.broken:  # in the kernel, nobody fills it now
+            self.bridge.spare.give_back(buf)
+        self._release(cost)
+        op = _OP_NAMES.get(req.command) or p.name_of(Command, req.command).lower()
+        self.bridge.io.end(self.export, op, req.length, began, ok=ok)
 
     async def _start(
         self,
@@ -327,27 +339,12 @@ class _Connection:
                 continue
             batch, self._answers = self._answers, []
             parts: list[bytes | memoryview] = []
-            sr = self._structured
             for done in batch:
-                req = done.req
-                if done.error is not None:
-                    parts.append(self._failed(req, done.error))
-                elif req.command == Command.READ:
-                    parts.append(
-                        tx.read_reply_header(req.handle, req.offset, len(done.buf), structured=sr)
-                    )
-                    parts.append(memoryview(done.buf))
-                else:
-                    parts.append(tx.ok_reply(req.handle))
+                parts += self._answer_parts(done.req, done.buf, done.error)
             await self._reply(*parts)
-            io, spare = self.bridge.io, self.bridge.spare
             for done in batch:
-                req, ok = done.req, done.error is None
-                if ok and not self.broken:  # in the kernel, and nobody fills it now
-                    spare.give_back(done.buf)
                 self._started -= 1
-                self._release(done.cost)
-                io.end(self.export, _OP_NAMES[req.command], req.length, done.began, ok=ok)
+                self._retire(done.req, done.buf, done.cost, done.began, done.error is None)
 
     async def _submit(self, req: Request, buf: bytearray | None) -> None:
         # READ, WRITE, FLUSH, TRIM, WRITE_ZEROES share their names with Op; CACHE has no bio:
@@ -368,13 +365,7 @@ class _Connection:
             validate_bio(bio, layer.limits, layer.size)  # the edge check, once, here
             await submit_split(layer, bio)
 
-    async def _reply_error(self, req: Request, exc: BlockError) -> None:
-        sr = self._structured
-        await self._reply(tx.error_reply(req.handle, exc.errno, str(exc), structured=sr))
-
-    def _failed(self, req: Request, exc: BlockError) -> bytes:
-        """Log a request the layer failed; its error reply."""
-        self._log(logging.WARNING, "request_failed", f" {req.describe()} error={exc}")
+    def _error_reply(self, req: Request, exc: BlockError) -> bytes:
         return tx.error_reply(req.handle, exc.errno, str(exc), structured=self._structured)
 
     async def _reply(self, *parts: bytes | memoryview) -> None:
