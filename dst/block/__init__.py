@@ -6,8 +6,8 @@ Everything a block layer needs, re-exported from its module:
   :data:`SECTOR_SIZE` and :func:`validate_bio`, the edge check;
 - :mod:`dst.block.limits` — :class:`Limits` and how they stack;
 - :mod:`dst.block.split` — :func:`split`, which cuts any valid bio to any valid limits;
-- :mod:`dst.block.layer` — the :class:`BlockLayer` and :class:`StartingLayer` protocols and
-  :func:`submit_split`;
+- :mod:`dst.block.layer` — the :class:`BlockLayer` and :class:`StartingLayer` protocols, the
+  :class:`Plug` and :func:`submit_split`;
 - :mod:`dst.block.memory`, :mod:`dst.block.file` — the stores at the bottom of a stack.
 """
 
@@ -18,6 +18,7 @@ from dst.block.file import IO_THREADS, IOV_MAX, FileStore
 from dst.block.layer import (
     BlockLayer,
     Pending,
+    Plug,
     StartingLayer,
     StoreCounters,
     StoreStatistics,
@@ -41,6 +42,7 @@ __all__ = [
     "MemoryStore",
     "Op",
     "Pending",
+    "Plug",
     "Segment",
     "StartingLayer",
     "StoreCounters",

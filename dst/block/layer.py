@@ -24,15 +24,17 @@ The contract, which ``tests/conformance/check.py`` checks for every layer:
 A layer may also offer ``start(bio)`` (:class:`StartingLayer`): it sends the bio on its way and
 returns a :class:`Pending` whose callbacks run when the bio completes — the kernel's
 ``bi_end_io`` rather than a task that waits.  An edge with many bios in flight (the NBD
-bridge) then needs no task per bio; ``submit`` stays the contract every layer keeps.
+bridge) then needs no task per bio; ``submit`` stays the contract every layer keeps.  Bios
+started under a :class:`Plug` may wait in their layer until the plug is flushed, so that a
+burst started in one pass leaves in one send — the kernel's ``blk_plug``.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
@@ -44,6 +46,7 @@ from dst.errors import BlockError
 __all__ = [
     "BlockLayer",
     "Pending",
+    "Plug",
     "StartingLayer",
     "StoreCounters",
     "StoreStatistics",
@@ -95,10 +98,43 @@ class StartingLayer(BlockLayer, Protocol):
         """False where a layer passes bios to one that cannot start them."""
         ...
 
-    async def start(self, bio: Bio) -> Pending:
+    async def start(self, bio: Bio, plug: Plug | None = None) -> Pending:
         """Send ``bio`` (valid, and not FAILFAST) on its way or raise BlockError; the bio's
-        buffers belong to the layer until the Pending's callbacks run."""
+        buffers belong to the layer until the Pending's callbacks run.  With ``plug``, the
+        layer may hold the bio back until ``plug.flush()``."""
         ...
+
+
+class Plug:
+    """What bios started under it left held back in their layers, until :meth:`flush` —
+    Linux's ``blk_plug``.  One caller owns a plug (the NBD bridge's reader, per connection):
+    it starts a burst of bios, each layer holding what it would send, and flushes before it
+    waits for anything — the socket, a slot, a started bio's completion — so that the burst
+    leaves in one gathered write instead of a send per bio."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        #: Per sender (a layer's bound method), what it holds, in the order started.
+        self._held: dict[Callable[[list[Any]], Awaitable[None]], list[Any]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._held)
+
+    def hold(self, send: Callable[[list[Any]], Awaitable[None]], items: list[Any]) -> None:
+        """Keep ``items`` until the flush, which hands them to ``send`` with those held
+        before for the same sender."""
+        held = self._held.get(send)
+        if held is None:
+            self._held[send] = items
+        else:
+            held.extend(items)
+
+    async def flush(self) -> None:
+        """Send everything held, each sender's items in one call."""
+        while self._held:
+            send = next(iter(self._held))
+            await send(self._held.pop(send))
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from dst.block import Bio, BioFlags, Limits, Op, split, validate_bio
+from dst.block import Bio, BioFlags, Limits, Op, Plug, split, validate_bio
 from dst.block.layer import closed_error
 from dst.client.commands import (
     Command,
@@ -144,14 +144,16 @@ class RemoteVolume:
         else:
             await self._submit(bio, Transaction(0, early=early, stage=stage))
 
-    async def start(self, bio: Bio) -> Transaction:
+    async def start(self, bio: Bio, plug: Plug | None = None) -> Transaction:
         """Send ``bio`` (not FAILFAST) and return its transaction: ``await txn.wait()``
         completes it, or ``txn.then(callback)`` is called back (the Pending protocol).  A
         caller overlaps its own work with the server's without a task of its own (the
-        replicated write path: send to the peer, write locally, then wait; the NBD bridge)."""
+        replicated write path: send to the peer, write locally, then wait; the NBD bridge).
+        With ``plug``, the commands wait in it while a link is up, and leave with every
+        other command held there in one gathered write when the plug is flushed."""
         self._check_submit(bio)
         txn = Transaction(0)
-        await self._start(bio, txn)
+        await self._start(bio, txn, plug)
         return txn
 
     def _check_submit(self, bio: Bio) -> None:
@@ -167,8 +169,10 @@ class RemoteVolume:
         await self._start(bio, txn)
         await txn.wait()
 
-    async def _start(self, bio: Bio, txn: Transaction) -> None:
-        """Send every command of ``bio``'s transaction (waiting for free slots)."""
+    async def _start(self, bio: Bio, txn: Transaction, plug: Plug | None = None) -> None:
+        """Send every command of ``bio``'s transaction (waiting for free slots), or hold
+        them in ``plug``; a wait for a slot flushes the plug first — the slots may be held
+        by commands in it."""
         assert self._slots is not None
         pieces = split(bio, self._limits)
         txn.remaining = txn.early_left = len(pieces)
@@ -179,6 +183,8 @@ class RemoteVolume:
             try:  # a free slot is taken without a trip through the scheduler
                 self._slots.acquire_nowait()
             except trio.WouldBlock:
+                if plug:
+                    await plug.flush()
                 await self._send_batch(batch)
                 batch = []
                 await self._slots.acquire()
@@ -187,7 +193,10 @@ class RemoteVolume:
             self._pending[(tid, sub)] = cmd
             self.stats.commands += 1
             batch.append(cmd)
-        await self._send_batch(batch)
+        if plug is not None and self._link is not None:
+            plug.hold(self._send_held, batch)
+        else:
+            await self._send_batch(batch)
 
     # -- FAILFAST (module docstring) ----------------------------------------------------------
 
@@ -269,6 +278,15 @@ class RemoteVolume:
             raise
         for cmd in cmds:
             _sent(cmd)
+
+    async def _send_held(self, cmds: list[Command]) -> None:
+        """Send commands a plug held: those still pending and not resent already by a link
+        adopted meanwhile."""
+        link = self._link
+        if link is not None:
+            generation, pending = link.generation, self._pending
+            cmds = [c for c in cmds if c.generation != generation and (c.tid, c.sub) in pending]
+        await self._send_batch(cmds)
 
     async def _send(self, cmd: Command) -> None:
         """Send ``cmd`` on the current link, waiting for one if there is none.  A command

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from dst.block import Bio, Limits, Op, Pending, StartingLayer
+from dst.block import Bio, Limits, Op, Pending, Plug, StartingLayer
 from dst.block.layer import BlockLayer
 from dst.errors import BlockError
 
@@ -42,7 +42,7 @@ class Handoff:
         self._idle = trio.Event()
         self._idle.set()
         # Looked up once: an isinstance check against a Protocol is slow on the data path.
-        self._start_below: Callable[[Bio], Awaitable[Pending]] | None = None
+        self._start_below: Callable[[Bio, Plug | None], Awaitable[Pending]] | None = None
         if isinstance(below, StartingLayer) and below.can_start:
             self._start_below = below.start
 
@@ -65,13 +65,13 @@ class Handoff:
     def can_start(self) -> bool:
         return self._start_below is not None
 
-    async def start(self, bio: Bio) -> Pending:
+    async def start(self, bio: Bio, plug: Plug | None = None) -> Pending:
         """The StartingLayer path (the bridge's): counted in flight until its callbacks run."""
         if self._start_below is None:
             raise TypeError(f"{type(self.below).__name__} cannot start a bio")
         self._enter()
         try:
-            pending = await self._start_below(bio)
+            pending = await self._start_below(bio, plug)
         except BaseException:
             self._leave()
             raise

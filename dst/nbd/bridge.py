@@ -10,9 +10,11 @@ payloads land in the buffer that becomes the bio; READ data leaves the bio's buf
 header in one ``writev``; replies go in completion order, coalesced (:mod:`dst.net.stream`).
 Bios go through :func:`~dst.block.submit_split`, so the layer sees only bios within its
 limits (seed 000).  Where the layer is a StartingLayer (a bridge to one server), a READ or
-WRITE takes no task: the reader starts it, its completion callback queues the reply, and one
-answering task sends the queued replies together.  A connection's failure never reaches the
-listener.  Logs: ``peer=... export=... event=...``.
+WRITE takes no task: the reader starts it under the connection's plug — the requests of one
+receive leave for the server in one send, flushed before the reader waits for anything — its
+completion callback queues the reply, and one answering task sends the queued replies
+together.  A connection's failure never reaches the listener.  Logs: ``peer=... export=...
+event=...``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dst.block import (
     BlockLayer,
     Op,
     Pending,
+    Plug,
     StartingLayer,
     submit_split,
     validate_bio,
@@ -126,6 +129,7 @@ class _Connection:
         self._answers: list[_Started] = []
         self._answer_wake = trio.Event()
         self._reading = True
+        self._plug = Plug()  # started requests not sent yet: flushed before any wait
 
     def _log(self, level: int, event: str, detail: str = "") -> None:
         log.log(level, "peer=%s export=%s event=%s%s", self.peer, self.export, event, detail)
@@ -214,10 +218,19 @@ class _Connection:
         return reason
 
     async def _read(self, tasks: trio.Nursery, session: Session) -> str:
-        layer = self._layer
+        try:
+            return await self._read_requests(tasks, session)
+        finally:  # what the plug holds must leave even when the reader fails
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+                await self._plug.flush()
+
+    async def _read_requests(self, tasks: trio.Nursery, session: Session) -> str:
+        layer, plug, wire = self._layer, self._plug, self.wire
         start = layer.start if isinstance(layer, StartingLayer) and layer.can_start else None
         while True:
-            req = await self.wire.read_header()
+            if plug and wire.buffered < p.REQUEST.size:
+                await plug.flush()  # the next header needs a receive, which may wait
+            req = await wire.read_header()
             if req is None or req.command == Command.DISC:
                 return "eof" if req is None else "disc"
             self.requests += 1
@@ -225,7 +238,8 @@ class _Connection:
             if refused is not None:
                 self.refused += 1
                 self._log(logging.WARNING, "bad_request", f" {req.describe()} reason={refused}")
-                await self.wire.skip_payload(req.payload_length)
+                await plug.flush()
+                await wire.skip_payload(req.payload_length)
                 await self._reply(self._error_reply(req, refused))
                 continue
             cost = tx.budget_bytes(req)
@@ -235,13 +249,16 @@ class _Connection:
                 buf = self.bridge.spare.take(req.length)
             try:
                 if buf is not None and req.command == Command.WRITE:
-                    await self.wire.read_payload(memoryview(buf))
+                    if plug and wire.buffered < req.length:
+                        await plug.flush()
+                    await wire.read_payload(memoryview(buf))
             except BaseException:
                 self._release(cost)  # the bridge-wide budget outlives this connection
                 raise
             if start is not None and buf is not None:
                 await self._start(start, req, buf, cost)
             else:
+                await plug.flush()  # FLUSH, TRIM, ...: after the requests read before them
                 tasks.start_soon(self._execute, req, buf, cost)
 
     async def _admit(self, cost: int) -> None:
@@ -251,10 +268,13 @@ class _Connection:
         try:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
+            await self._plug.flush()  # the slots may be held by requests in the plug
             await self._slots.acquire()
         if not self._budget.acquire_nowait(cost):
+            await self._plug.flush()
             await self._budget.acquire(cost)
         if not self.bridge.budget.acquire_nowait(cost):
+            await self._plug.flush()
             await self.bridge.budget.acquire(cost)
 
     def _release(self, cost: int) -> None:
@@ -299,19 +319,20 @@ class _Connection:
 
     async def _start(
         self,
-        start: Callable[[Bio], Awaitable[Pending]],
+        start: Callable[[Bio, Plug], Awaitable[Pending]],
         req: Request,
         buf: bytearray,
         cost: int,
     ) -> None:
-        """Start a READ or WRITE on a StartingLayer; its callback queues the reply."""
+        """Start a READ or WRITE on a StartingLayer, under the plug; its callback queues the
+        reply."""
         layer = self._layer
         assert layer is not None
         done = _Started(req, buf, cost, self.bridge.io.begin())
         bio = _buffer_bio(req, buf)
         try:
             validate_bio(bio, layer.limits, layer.size)  # the edge check, once, here
-            done.pending = await start(bio)
+            done.pending = await start(bio, self._plug)
         except BlockError as exc:
             done.error = exc
         except BaseException:

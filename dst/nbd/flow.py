@@ -75,7 +75,7 @@ class Wire(ByteStream):
         return None if raw is None else tx.parse_request(raw)
 
     async def read_payload(self, view: memoryview) -> None:
-        if self._end - self._start >= len(view):
+        if self.buffered >= len(view):
             return await self.read_into([view], "a WRITE payload")
         with stall("WRITE payload not sent"):
             await self.read_into([view], "a WRITE payload")

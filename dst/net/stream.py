@@ -123,6 +123,11 @@ class ByteStream:
                     raise trio.ClosedResourceError("the stream was closed") from exc
                 raise
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet: reads of up to this many take no receive."""
+        return self._end - self._start
+
     async def read_first(self, n: int, what: str) -> memoryview | None:
         """The first ``n`` bytes of a message, like ``read_exact``, or None if the stream
         ends cleanly before any of them (the peer closed between messages)."""

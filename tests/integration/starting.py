@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import trio
 
-from dst.block import Bio, BlockLayer, Limits
+from dst.block import Bio, BlockLayer, Limits, Plug
 from dst.errors import BlockError
 
 __all__ = ["Starting"]
@@ -53,7 +53,7 @@ class Starting:
     async def submit(self, bio: Bio) -> None:
         await self.below.submit(bio)
 
-    async def start(self, bio: Bio) -> _Done:
+    async def start(self, bio: Bio, plug: Plug | None = None) -> _Done:
         done = _Done()
 
         async def run() -> None:

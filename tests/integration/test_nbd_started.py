@@ -7,6 +7,7 @@ tests/integration/test_nbd_bridge.py's, run on both paths; here, what only this 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,15 @@ import trio
 
 from dst.block import MemoryStore
 from dst.client import open_remote
+from dst.client.link import Link
 from dst.fence.handoff import Handoff
 from dst.nbd import bridge as nbd_bridge
+from dst.nbd import protocol as p
 from dst.nbd.bridge import NbdExport
 from dst.nbd.protocol import Command
 from dst.nbd.transmission import Request
+from dst.net.framed import Buffer
+from dst.wire import Message
 from tests.integration.harness import running_server
 from tests.integration.starting import Starting
 from tests.integration.test_nbd_bridge import (
@@ -112,3 +117,46 @@ except nbd.Error as e:
                 )
     assert "errno ESHUTDOWN" in refused
     assert tasks_counted == [Command.FLUSH]  # every READ and WRITE was started
+
+
+async def test_a_burst_of_requests_leaves_for_the_server_in_one_send(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reader starts the requests of one receive under its plug and flushes it before it
+    # waits for the next: the server gets them in one gathered write, not a send each.
+    batches: list[int] = []
+    send_many = Link.send_many
+
+    async def counted(self: Link, frames: Sequence[tuple[Message, Sequence[Buffer]]]) -> None:
+        batches.append(len(frames))
+        await send_many(self, frames)
+
+    monkeypatch.setattr(Link, "send_many", counted)
+    async with running_server(tmp_path) as server:
+        assert server.listen_address is not None
+        async with open_remote(server.listen_address, "vol0", role="bridge", claim="own") as remote:
+            async with bridge(NbdExport("vol0", Handoff(remote, "vol0"))) as address:
+                client = await RawClient.connect(address)
+                await client.go()
+                payloads = [bytes([n]) * 512 for n in range(16)]
+                writes = b"".join(
+                    p.REQUEST.pack(p.REQUEST_MAGIC, 0, Command.WRITE, n, n * 512, 512) + data
+                    for n, data in enumerate(payloads)
+                )
+                reads = b"".join(
+                    p.REQUEST.pack(p.REQUEST_MAGIC, 0, Command.READ, 100 + n, n * 512, 512)
+                    for n in range(16)
+                )
+                batches.clear()
+                await client.send(writes)
+                assert sorted([await client.simple_reply() for _ in range(16)]) == [
+                    (0, n) for n in range(16)
+                ]
+                await client.send(reads)
+                got = {}
+                for _ in range(16):
+                    error, handle = await client.simple_reply()
+                    assert error == 0
+                    got[handle - 100] = await client.recv(512)
+    assert [got[n] for n in range(16)] == payloads
+    assert batches == [16, 16]

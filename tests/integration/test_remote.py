@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from dst.block import Bio, BioFlags, Op, Segment
+from dst.block import Bio, BioFlags, Op, Plug, Segment
 from dst.client import open_remote
 from dst.errors import BlockError
 from tests.integration.harness import running_server
@@ -42,6 +42,38 @@ async def test_write_read_round_trip_and_file_holds_bytes(tmp_path: Path) -> Non
         f.seek(63 * 512)
         assert f.read(len(data)) == data
     assert os.path.getsize(tmp_path / "vol0.img") == 64 * MiB
+
+
+async def test_bios_started_under_a_plug_leave_when_it_is_flushed(tmp_path: Path) -> None:
+    data = [os.urandom(4096) for _ in range(4)]
+    async with running_server(tmp_path, max_inflight=8) as server:
+        async with open_remote(server.listen_address, "vol0") as vol:  # type: ignore[arg-type]
+            link, plug = vol.link, Plug()
+            assert link is not None
+            sent = link.framed.bytes_sent
+            writes = [
+                await vol.start(Bio.from_buffer(Op.WRITE, i * 4096, d), plug)
+                for i, d in enumerate(data)
+            ]
+            await trio.sleep(0.1)
+            assert link.framed.bytes_sent == sent  # held, not sent
+            assert not any(txn.done.is_set() for txn in writes)
+            with trio.fail_after(10):
+                await plug.flush()
+                assert not plug
+                for txn in writes:
+                    await txn.wait()
+                # More bios than the server's 8 slots under one plug: waiting for a slot
+                # flushes the plug, whose commands hold the slots.
+                bufs = [bytearray(4096) for _ in range(20)]
+                reads = [
+                    await vol.start(Bio.from_buffer(Op.READ, (i % 4) * 4096, buf), plug)
+                    for i, buf in enumerate(bufs)
+                ]
+                await plug.flush()
+                for txn in reads:
+                    await txn.wait()
+            assert [bytes(buf) for buf in bufs] == [data[i % 4] for i in range(20)]
 
 
 async def test_scattered_misaligned_bios(tmp_path: Path) -> None:
