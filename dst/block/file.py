@@ -22,6 +22,8 @@ cache takes microseconds where a thread handoff costs a wakeup and two scheduler
 one ever takes longer than :data:`INLINE_WRITE_MAX_S` (writeback throttling, a slow disk), the
 store sends its writes to threads for :data:`INLINE_WRITE_PAUSE_S`, so a sick disk stalls the
 loop once, briefly, not continuously.  Cached reads are tried inline too (``RWF_NOWAIT``).
+:meth:`FileStore.submit_nowait` offers both without a task: it completes what it can inline
+and returns False for the rest (Linux's ``REQ_NOWAIT``, io_uring's inline attempt).
 Every other blocking syscall runs in ``trio.to_thread.run_sync`` under one CapacityLimiter shared by
 all stores in the Trio run (:data:`IO_THREADS`), so a slow disk never stalls the event loop —
 and a thread, once started, is never abandoned: a cancelled submit still waits for its syscall,
@@ -195,6 +197,13 @@ def _zero_range(fd: int, offset: int, length: int, *, keep_allocated: bool) -> N
     _pwrite_zeros(fd, offset, length)
 
 
+def _written(bio: Bio) -> None:
+    if chaos.ARMED and bio.epoch == 0:
+        # Epoch 0 on a WRITE reaching the store: a replication peer's write (or a resync
+        # copy) on a secondary — a client's always carries its epoch.
+        chaos.crash_point("secondary.after-write-before-fsync")
+
+
 class _SyncRound:
     """One fdatasync that any number of flushes wait on (group commit)."""
 
@@ -351,28 +360,12 @@ class FileStore:
             else:
                 await trio.lowlevel.checkpoint()
         elif op is Op.WRITE:
-            views = bio.views()
             if bio.length <= INLINE_WRITE_BYTES and trio.current_time() >= self._threads_until:
-                start = trio.current_time()
-                try:
-                    _pwritev_all(fd, views, bio.offset)
-                except OSError as exc:
-                    raise self._error(bio, exc) from exc
-                took = trio.current_time() - start
-                if took > INLINE_WRITE_MAX_S:
-                    self._threads_until = trio.current_time() + INLINE_WRITE_PAUSE_S
-                    log.info(
-                        "path=%s event=slow_inline_write took_ms=%.1f length=%d",
-                        self._path,
-                        took * 1000,
-                        bio.length,
-                    )
+                self._write_inline(bio)
             else:
+                views = bio.views()
                 await self._run(bio, lambda: _pwritev_all(fd, views, bio.offset))
-            if chaos.ARMED and bio.epoch == 0:
-                # Epoch 0 on a WRITE reaching the store: a replication peer's write (or a
-                # resync copy) on a secondary — a client's always carries its epoch.
-                chaos.crash_point("secondary.after-write-before-fsync")
+                _written(bio)
         else:
             keep = op is Op.WRITE_ZEROES and bool(flags & BioFlags.NO_HOLE)
             await self._run(
@@ -380,6 +373,64 @@ class FileStore:
             )
         if flags & _FUA and op is not Op.READ:
             await self._sync(bio)
+
+    def submit_nowait(self, bio: Bio) -> bool:
+        """Complete ``bio`` now, without waiting, and return True — a READ the page cache
+        holds whole, or a WRITE small enough to go inline (no PREFLUSH or FUA, inline writes
+        not paused); return False, having changed nothing, for any other bio, which goes to
+        :meth:`submit`.  Linux's ``REQ_NOWAIT``: a caller with many bios in flight (a server
+        session) needs no task for the bios this completes."""
+        if self._closing:
+            raise closed_error(repr(self))
+        op = bio.op
+        if int(bio.flags) & (_PREFLUSH | _FUA):
+            return False
+        if op is Op.READ:
+            if not _RWF_NOWAIT:
+                return False
+        elif (
+            op is not Op.WRITE
+            or bio.length > INLINE_WRITE_BYTES
+            or self._sync_failure is not None
+            or trio.current_time() < self._threads_until
+        ):
+            return False
+        try:
+            validate_bio(bio, self._limits, self._size)
+            if op is Op.READ:
+                views = bio.views()
+                try:
+                    index, _ = _preadv_cached(self._fd, views, bio.offset)
+                except OSError as exc:
+                    raise self._error(bio, exc) from exc
+                if index < len(views):
+                    return False  # part of it is on disk only: submit reads it all
+            else:
+                self._write_inline(bio)
+        except BlockError:
+            self._counters.errors += 1
+            raise
+        self._counters.count(bio)
+        return True
+
+    def _write_inline(self, bio: Bio) -> None:
+        """A small WRITE into the page cache on the event loop; a slow one (the kernel
+        throttled us) sends the store's writes to threads for a while."""
+        start = trio.current_time()
+        try:
+            _pwritev_all(self._fd, bio.views(), bio.offset)
+        except OSError as exc:
+            raise self._error(bio, exc) from exc
+        took = trio.current_time() - start
+        if took > INLINE_WRITE_MAX_S:
+            self._threads_until = trio.current_time() + INLINE_WRITE_PAUSE_S
+            log.info(
+                "path=%s event=slow_inline_write took_ms=%.1f length=%d",
+                self._path,
+                took * 1000,
+                bio.length,
+            )
+        _written(bio)
 
     async def _run(self, bio: Bio, fn: Callable[[], None]) -> None:
         try:

@@ -27,6 +27,12 @@ returns a :class:`Pending` whose callbacks run when the bio completes — the ke
 bridge) then needs no task per bio; ``submit`` stays the contract every layer keeps.  Bios
 started under a :class:`Plug` may wait in their layer until the plug is flushed, so that a
 burst started in one pass leaves in one send — the kernel's ``blk_plug``.
+
+A layer may also offer ``submit_nowait(bio) -> bool`` (Linux's ``REQ_NOWAIT``, io_uring's
+inline attempt): complete the bio at once, without waiting for anything, and return True — or
+return False having changed nothing, and the caller submits it.  FileStore completes cached
+reads and small writes so; the Fence passes to it.  A server session completes such requests
+in its reader, with no task per request.
 """
 
 from __future__ import annotations

@@ -84,6 +84,30 @@ class Fence:
         if bio.op not in FENCED_OPS or bio.epoch == 0:
             await self.below.submit(bio)
             return
+        self._admit(bio)
+        self._in_flight[bio.epoch] += 1
+        try:
+            await self.below.submit(bio)
+        finally:
+            self._in_flight[bio.epoch] -= 1
+            if not self._in_flight[bio.epoch]:
+                del self._in_flight[bio.epoch]
+            self._changed.set()
+            self._changed = trio.Event()
+
+    def submit_nowait(self, bio: Bio) -> bool:
+        """Complete ``bio`` now if the layer below can without waiting (``submit_nowait``,
+        Linux's ``REQ_NOWAIT``); False if it cannot.  A write of an older epoch is refused
+        here as in submit; one completed here is never in flight when an advance looks."""
+        below = getattr(self.below, "submit_nowait", None)
+        if below is None:
+            return False
+        if bio.op in FENCED_OPS and bio.epoch:
+            self._admit(bio)
+        return bool(below(bio))
+
+    def _admit(self, bio: Bio) -> None:
+        """Refuse (FencedError) a write of an epoch older than the volume's."""
         if bio.epoch < self._epoch and not (chaos.BROKEN and chaos.broken("no-epoch-check")):
             self.stale_rejected += 1
             log.warning(
@@ -98,15 +122,6 @@ class Fence:
                 f"epoch {bio.epoch} is older than volume epoch {self._epoch}: "
                 "the volume was taken over; this write was not applied"
             )
-        self._in_flight[bio.epoch] += 1
-        try:
-            await self.below.submit(bio)
-        finally:
-            self._in_flight[bio.epoch] -= 1
-            if not self._in_flight[bio.epoch]:
-                del self._in_flight[bio.epoch]
-            self._changed.set()
-            self._changed = trio.Event()
 
     async def advance(self, epoch: int) -> int:
         """Make ``epoch`` (or the current one, if higher) the volume's: fence, drain, persist.

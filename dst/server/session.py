@@ -27,7 +27,7 @@ from dst.block import Bio, BioFlags, Op, Segment, validate_bio
 from dst.errors import BlockError, FencedError, ProtocolError
 from dst.fence.replay import ReplayWindow
 from dst.net.convert import limits_to_wire
-from dst.net.framed import FramedStream, describe
+from dst.net.framed import Buffer, FramedStream, describe
 from dst.replication.peer import REPLICATION_NODE_SUFFIX
 from dst.server import handlers
 from dst.server.pool import Pages
@@ -96,7 +96,13 @@ class Session:
         self.slots = trio.Semaphore(server.max_inflight)
         #: Cancelled when a newer replication link of the same primary replaces this one.
         self.scope = trio.CancelScope()
-        framed.in_flight = lambda: server.max_inflight - self.slots.value
+        # Requests the reader completed itself (submit_nowait), their replies waiting for the
+        # answering task, which sends all those queued in one write; the event wakes it.
+        self._answers: list[_Answer] = []
+        self._answer_wake = trio.Event()
+        self._reading = True
+        self._answering = 0  # of the batch being sent, all but one: not others in flight
+        framed.in_flight = lambda: server.max_inflight - self.slots.value - self._answering
 
     async def send(self, msg: Message, data: list[memoryview] | None = None) -> None:
         self.conn.send(msg)
@@ -118,10 +124,16 @@ class Session:
             try:
                 with self.scope:
                     async with trio.open_nursery() as nursery:
-                        await self._read_loop(nursery)
+                        nursery.start_soon(self._answer)
+                        try:
+                            await self._read_loop(nursery)
+                        finally:
+                            self._reading = False
+                            self._answer_wake.set()
                 if self.scope.cancelled_caught:
                     reason = "replaced by a newer replication link"
             finally:
+                self._retire_answers(self._answers)  # left unsent by a cancelled answerer
                 self.server.sessions[self.role] -= 1
                 self.server.links[link] -= 1
                 for volume in self.claimed:
@@ -258,7 +270,21 @@ class Session:
                         )
                         continue
                     pages = pool.acquire_nowait(msg.length) or await pool.acquire(msg.length)
-                nursery.start_soon(self._in_slot, self._run_request, msg, pages)
+                volume = self.handles.get(msg.handle)
+                answer = _Answer(msg, volume, pages, self.server.io.begin())
+                try:
+                    bio = self._bio(msg, volume, pages)
+                    assert volume is not None
+                    nowait = getattr(volume.layer, "submit_nowait", None)
+                    if nowait is None or not _nowait(nowait, bio):
+                        nursery.start_soon(self._in_slot, self._run_request, answer, bio)
+                        continue
+                    self.server.stats["completed_inline"] += 1
+                    answer.parts, answer.ok = self._success(msg, bio, pages), True
+                except BlockError as exc:
+                    answer.parts = self._failure(msg, volume, exc)
+                self._answers.append(answer)
+                self._answer_wake.set()
             elif isinstance(msg, Goodbye):
                 self.slots.release()
                 log.info(
@@ -287,68 +313,143 @@ class Session:
             # The peer is gone; it will resend what it still wants on its next connection.
             pass
 
-    async def _run_request(self, msg: DataRequest, pages: Pages | None) -> None:
-        stats = self.server.stats
-        # The one place a server request is timed and counted by volume and op (metrics).
-        started, ok = self.server.io.begin(), False
-        volume = self.handles.get(msg.handle)
+    def _bio(self, msg: DataRequest, volume: Volume | None, pages: Pages | None) -> Bio:
+        """The request's bio, checked at the edge: attached handle, no replayed write, an
+        owner's epoch, a valid shape — or BlockError."""
+        if volume is None:
+            raise BlockError(errno.EBADF, f"handle {msg.handle} is not attached")
+        # The Fence checks an owner's epoch; a replication peer's writes come fenced by its
+        # primary already (epoch 0 passes), and a client's 0 is just old.
+        epoch = 0
+        if isinstance(msg, WriteRequest | TrimRequest | WriteZeroesRequest):
+            if not self.replays.admit(msg.tid, msg.sub):
+                self.server.stats["replayed_writes"] += 1
+                raise BlockError(
+                    errno.EALREADY,
+                    f"write (tid {msg.tid}, sub {msg.sub}) was already applied on "
+                    "this connection: a replay is not applied again",
+                )
+            epoch = msg.epoch if self.role != "replica" else 0
+            if self.role != "replica" and msg.epoch == 0:
+                raise FencedError(f"epoch 0 is older than volume epoch {volume.epoch}")
+        bio = _bio_for(msg, pages, epoch)
+        validate_bio(bio, volume.limits, volume.size)
+        return bio
+
+    async def _run_request(self, answer: _Answer, bio: Bio) -> None:
+        """A request the volume could not complete at once: submit it, then answer."""
+        msg, volume, pages = answer.msg, answer.volume, answer.pages
+        assert volume is not None
         try:
             try:
-                if volume is None:
-                    raise BlockError(errno.EBADF, f"handle {msg.handle} is not attached")
-                # The Fence checks an owner's epoch; a replication peer's writes come fenced
-                # by its primary already (epoch 0 passes), and a client's 0 is just old.
-                epoch = 0
-                if isinstance(msg, WriteRequest | TrimRequest | WriteZeroesRequest):
-                    if not self.replays.admit(msg.tid, msg.sub):
-                        stats["replayed_writes"] += 1
-                        raise BlockError(
-                            errno.EALREADY,
-                            f"write (tid {msg.tid}, sub {msg.sub}) was already applied on "
-                            "this connection: a replay is not applied again",
-                        )
-                    epoch = msg.epoch if self.role != "replica" else 0
-                    if self.role != "replica" and msg.epoch == 0:
-                        raise FencedError(f"epoch 0 is older than volume epoch {volume.epoch}")
-                bio = _bio_for(msg, pages, epoch)
-                validate_bio(bio, volume.limits, volume.size)
                 try:
                     await volume.layer.submit(bio)
                 except BlockError as exc:
                     if not _eio_as_zeros(exc, bio):
                         raise
+                answer.parts, answer.ok = self._success(msg, bio, pages), True
             except BlockError as exc:
-                if isinstance(exc, FencedError):
-                    stats["stale_writes"] += 1
-                stats["errors"] += 1
-                # A stale epoch is the fence doing its job (INFO); anything else is news.
-                level = logging.INFO if exc.errno == errno.ESTALE else logging.WARNING
-                log.log(
-                    level,
-                    "peer=%s node=%s volume=%s tid=%d sub=%d op=%s event=request_failed "
-                    "errno=%d reason=%r",
-                    self.peer,
-                    self.node,
-                    volume.name if volume is not None else "-",
-                    msg.tid,
-                    msg.sub,
-                    OPS[type(msg)].name.lower(),
-                    exc.errno,
-                    str(exc),
-                )
-                await self.answer(msg.tid, msg.sub, exc.errno, exc.message)
-                return
-            stats[bio.op.name.lower()] += 1
-            stats["bytes_" + bio.op.name.lower()] += bio.length
-            ok = True
-            data = pages.views if pages is not None and bio.op is Op.READ else None
-            await self.reply(Reply(tid=msg.tid, sub=msg.sub, errno=0, message=""), data)
+                answer.parts = self._failure(msg, volume, exc)
+            await self.framed.send_parts(answer.parts)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer is gone; it resends what it still wants on its next connection
         finally:
-            if pages is not None:
-                pages.release()
-            name = volume.name if volume is not None else "-"
-            length = 0 if isinstance(msg, FlushRequest) else msg.length
-            self.server.io.end(name, OPS[type(msg)].name.lower(), length, started, ok=ok)
+            self._retire(answer)
+
+    def _success(self, msg: DataRequest, bio: Bio, pages: Pages | None) -> list[Buffer]:
+        """Count a completed request; its reply frame (a READ's with the data)."""
+        stats, op = self.server.stats, bio.op.name.lower()
+        stats[op] += 1
+        stats["bytes_" + op] += bio.length
+        reply = Reply(tid=msg.tid, sub=msg.sub, errno=0, message="")
+        self.conn.send(reply)
+        if pages is not None and bio.op is Op.READ:
+            return [encode_frame(reply, pages.views), *pages.views]
+        return [encode_frame(reply)]
+
+    def _failure(self, msg: DataRequest, volume: Volume | None, exc: BlockError) -> list[Buffer]:
+        """Count and log a failed request; its error reply frame."""
+        stats = self.server.stats
+        if isinstance(exc, FencedError):
+            stats["stale_writes"] += 1
+        stats["errors"] += 1
+        # A stale epoch is the fence doing its job (INFO); anything else is news.
+        level = logging.INFO if exc.errno == errno.ESTALE else logging.WARNING
+        log.log(
+            level,
+            "peer=%s node=%s volume=%s tid=%d sub=%d op=%s event=request_failed errno=%d reason=%r",
+            self.peer,
+            self.node,
+            volume.name if volume is not None else "-",
+            msg.tid,
+            msg.sub,
+            OPS[type(msg)].name.lower(),
+            exc.errno,
+            str(exc),
+        )
+        reply = Reply(tid=msg.tid, sub=msg.sub, errno=exc.errno, message=exc.message)
+        self.conn.send(reply)
+        return [encode_frame(reply)]
+
+    async def _answer(self) -> None:
+        """Send the replies of the requests the reader completed, all those queued at once in
+        one write; return when the reader is done and nothing is left to send."""
+        while self._reading or self._answers:
+            if not self._answers:
+                await self._answer_wake.wait()
+                self._answer_wake = trio.Event()
+                continue
+            batch, self._answers = self._answers, []
+            parts: list[Buffer] = []
+            for answer in batch:
+                parts += answer.parts
+            self._answering = len(batch) - 1
+            try:
+                await self.framed.send_parts(parts)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # as in _run_request: the peer resends on its next connection
+            finally:
+                self._answering = 0
+                self._retire_answers(batch)
+
+    def _retire_answers(self, batch: list[_Answer]) -> None:
+        for answer in batch:
+            self._retire(answer)
+            self.slots.release()
+        batch.clear()
+
+    def _retire(self, answer: _Answer) -> None:
+        """A request answered (or abandoned): its pages back, its time and outcome counted —
+        the one place a server request is timed and counted by volume and op (metrics)."""
+        msg, volume = answer.msg, answer.volume
+        if answer.pages is not None:
+            answer.pages.release()
+        name = volume.name if volume is not None else "-"
+        length = 0 if isinstance(msg, FlushRequest) else msg.length
+        self.server.io.end(name, OPS[type(msg)].name.lower(), length, answer.began, ok=answer.ok)
+
+
+class _Answer:
+    """A data request on its way out: its reply frame's parts, what to release after."""
+
+    __slots__ = ("began", "msg", "ok", "pages", "parts", "volume")
+
+    def __init__(
+        self, msg: DataRequest, volume: Volume | None, pages: Pages | None, began: float
+    ) -> None:
+        self.msg, self.volume, self.pages, self.began = msg, volume, pages, began
+        self.parts: list[Buffer] = []
+        self.ok = False
+
+
+def _nowait(nowait: Callable[[Bio], bool], bio: Bio) -> bool:
+    """``submit_nowait`` with the broken build's EIO-as-zeros, as for submit."""
+    try:
+        return nowait(bio)
+    except BlockError as exc:
+        if not _eio_as_zeros(exc, bio):
+            raise
+        return True
 
 
 def _eio_as_zeros(exc: BlockError, bio: Bio) -> bool:

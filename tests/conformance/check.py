@@ -297,6 +297,38 @@ async def check_long_segment_list(layer: BlockLayer) -> None:
     await expect(layer, 6 * REGION, bio.data(), f"{count} single-sector segments")
 
 
+async def check_nowait(layer: BlockLayer, validates: bool) -> None:
+    """Where the layer offers ``submit_nowait``: a bio it completes is complete (a WRITE
+    reads back, a READ is filled) and one it declines changed nothing; bad bios fail with
+    the errno submit gives, if it does not decline them."""
+    nowait = getattr(layer, "submit_nowait", None)
+    if nowait is None:
+        return
+    lbs, offset = layer.limits.logical_block_size, 7 * REGION
+    for i, length in enumerate([lbs, 4 * KiB, 64 * KiB, REGION]):
+        length -= length % lbs
+        before = await read(layer, offset, length)
+        data = pattern(500 + i, length)
+        for flags in (BioFlags.FUA, BioFlags.NONE):
+            bio = Bio.from_buffer(Op.WRITE, offset, data, flags=flags)
+            if not layer.limits.misfit(bio) and nowait(bio):
+                await expect(layer, offset, data, f"a WRITE of {length} completed by nowait")
+                break
+            await expect(layer, offset, before, f"a WRITE of {length} nowait declined")
+        else:
+            await write(layer, offset, data)
+        buf = bytearray(length)
+        bio = Bio.from_buffer(Op.READ, offset, buf)
+        if not layer.limits.misfit(bio) and nowait(bio):
+            assert buf == data, f"a READ of {length} completed by nowait differs"
+    if validates:
+        for what, bio, code in bad_bios(layer):
+            try:  # declined (for submit to refuse) or refused, never done
+                assert not nowait(bio), f"{what}: submit_nowait completed it"
+            except BlockError as exc:
+                assert exc.errno == code, f"{what}: submit_nowait gave {exc}, expected {code}"
+
+
 async def check_close(layer: BlockLayer) -> None:
     await layer.aclose()
     await layer.aclose()  # idempotent
@@ -306,6 +338,14 @@ async def check_close(layer: BlockLayer) -> None:
         pass
     else:
         raise AssertionError("submit after aclose succeeded")
+    nowait = getattr(layer, "submit_nowait", None)
+    if nowait is not None:
+        try:
+            nowait(Bio.from_buffer(Op.READ, 0, bytearray(layer.limits.logical_block_size)))
+        except BlockError:
+            pass
+        else:
+            raise AssertionError("submit_nowait after aclose succeeded")
 
 
 async def check_block_device(
@@ -326,6 +366,7 @@ async def check_block_device(
         await check_zeroing(layer, trim_reads_zeros)
         await check_errors(layer, validates)
         await check_long_segment_list(layer)
+        await check_nowait(layer, validates)
     async with make_layer() as layer:
         await check_concurrency(layer)
         await check_close(layer)

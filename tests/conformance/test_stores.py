@@ -374,3 +374,58 @@ async def test_small_writes_go_inline_until_one_is_slow(
     await store.submit(Bio.from_buffer(Op.READ, 4096, out))
     assert out == small
     await store.aclose()
+
+
+async def test_nowait_completes_cached_reads_and_small_writes_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """submit_nowait (REQ_NOWAIT) completes a small plain WRITE and a cached READ on the
+    spot; anything that would wait — FUA, a large write, FLUSH, a read the page cache cannot
+    serve, writes after a failed fdatasync or while inline writes are paused — is declined
+    with nothing changed, for submit to do."""
+    store = FileStore.open(tmp_path / "vol.img", SIZE)
+    small = pattern(21, 4096)
+    assert store.submit_nowait(Bio.from_buffer(Op.WRITE, 0, small))
+    assert store.statistics().writes == 1
+    declined = [
+        Bio.from_buffer(Op.WRITE, 8192, pattern(22, 4096), flags=BioFlags.FUA),
+        Bio.from_buffer(Op.WRITE, 8192, pattern(23, file_module.INLINE_WRITE_BYTES + 4096)),
+        Bio(Op.FLUSH, 0, 0),
+        Bio(Op.TRIM, 0, 4096),
+    ]
+    for bio in declined:
+        assert not store.submit_nowait(bio), bio
+    out = bytearray(4096)
+    assert store.submit_nowait(Bio.from_buffer(Op.READ, 0, out)) and out == small
+    assert await read_back(store, 8192, 4096) == bytes(4096), "a declined WRITE landed"
+
+    real = os.preadv
+
+    def uncached(fd: int, buffers: list[memoryview], offset: int, *flags: int) -> int:
+        if flags:
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        return real(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(os, "preadv", uncached)
+    assert not store.submit_nowait(Bio.from_buffer(Op.READ, 0, bytearray(4096)))
+    monkeypatch.setattr(os, "preadv", real)
+
+    store._threads_until = trio.current_time() + 60  # as after a slow inline write
+    assert not store.submit_nowait(Bio.from_buffer(Op.WRITE, 0, small))
+    store._threads_until = 0.0
+
+    monkeypatch.setattr(os, "fdatasync", SyncCounter(0, fail_with=errno.EIO))
+    with pytest.raises(BlockError):
+        await store.submit(Bio(Op.FLUSH, 0, 0))
+    assert not store.submit_nowait(Bio.from_buffer(Op.WRITE, 0, small))  # submit says EIO
+    assert store.submit_nowait(Bio.from_buffer(Op.READ, 0, bytearray(4096)))
+    await store.aclose()
+    with pytest.raises(BlockError) as info:
+        store.submit_nowait(Bio.from_buffer(Op.READ, 0, bytearray(4096)))
+    assert info.value.errno == errno.ESHUTDOWN
+
+
+async def read_back(store: BlockLayer, offset: int, length: int) -> bytes:
+    out = bytearray(length)
+    await store.submit(Bio.from_buffer(Op.READ, offset, out))
+    return bytes(out)

@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import random
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -270,6 +271,32 @@ async def test_replies_in_completion_order(tmp_path: Path, monkeypatch: pytest.M
         assert isinstance(first.message, Reply) and isinstance(second.message, Reply)
         assert (first.message.tid, second.message.tid) == (61, 60)
         assert len(first.data) == 4096 and second.message.errno == 0
+
+
+async def test_a_peer_that_resets_under_a_burst_of_answers_leaves_no_pages_held(
+    tmp_path: Path,
+) -> None:
+    """A burst of READs the server answers from its reader (cached data) whose client resets
+    the connection instead of reading the replies: every pool page comes back, and the next
+    client is served."""
+    async with running_server(tmp_path, pool_bytes=4 * MiB) as server:
+        pool = server.pool
+        total = pool.statistics().pages_total
+        async with raw(server.listen_address) as peer:  # type: ignore[arg-type]
+            h = await peer.handshake()
+            for tids in (range(100, 148), range(148, 196)):  # more while replies queue
+                burst = b"".join(encode_frame(read(tid, h, 0, 64 * 1024)) for tid in tids)
+                await peer.stream.send_all(burst)
+            peer.stream.socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )  # close with a reset
+        with trio.fail_after(10):
+            while pool.statistics().pages_free != total:
+                await trio.sleep(0.01)
+        assert server.stats["completed_inline"] > 0
+        async with open_remote(server.listen_address, "vol0") as vol:  # type: ignore[arg-type]
+            out = bytearray(4096)
+            await vol.submit(Bio.from_buffer(Op.READ, 0, out))
 
 
 async def test_checksums_per_extent_and_promote_refused_when_standalone(tmp_path: Path) -> None:

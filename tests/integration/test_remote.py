@@ -114,6 +114,11 @@ async def test_many_in_flight_and_out_of_order(tmp_path: Path) -> None:
                     nursery.start_soon(read, i)
             assert all(results[i] == blocks[i] for i in blocks)
             assert vol.stats.commands >= 512
+            # The store took every one at once (submit_nowait): the server's reader answered
+            # them itself, no task each.  A FUA write must wait for its fdatasync: a task.
+            assert server.stats["completed_inline"] == 512
+            await vol.submit(Bio.from_buffer(Op.WRITE, 0, blocks[0], flags=BioFlags.FUA))
+            assert server.stats["completed_inline"] == 512 and server.stats["write"] == 257
 
 
 async def test_trim_and_write_zeroes_read_zeroes(tmp_path: Path) -> None:

@@ -106,3 +106,27 @@ def test_replay_window() -> None:
     assert not window.admit(3, 0) and window.admit(5, 0)
     with pytest.raises(ValueError):
         ReplayWindow(0)
+
+
+class Inline(MemoryStore):
+    """A store that completes every bio at once (submit_nowait)."""
+
+    def submit_nowait(self, bio: Bio) -> bool:
+        self._apply(bio)
+        return True
+
+
+async def test_nowait_passes_the_current_epoch_and_refuses_an_older_one() -> None:
+    async def persist(epoch: int) -> None:
+        pass
+
+    store = Inline(MiB)
+    fence = Fence(store, 2, persist, name="v")
+    assert fence.submit_nowait(write(0, b"n" * 512, 2))
+    assert fence.submit_nowait(write(512, b"z" * 512, 0))  # a peer's or resync write
+    with pytest.raises(FencedError) as info:
+        fence.submit_nowait(write(0, b"o" * 512, 1))
+    assert info.value.errno == errno.ESTALE and fence.stale_rejected == 1
+    assert store.contents(0, 1024) == b"n" * 512 + b"z" * 512
+    fence.below = MemoryStore(MiB)  # a layer that cannot: declined, for submit
+    assert not fence.submit_nowait(write(0, b"n" * 512, 2))
