@@ -37,6 +37,7 @@ import crc32c
 import msgpack
 
 from dst.errors import LocalProtocolError, RemoteProtocolError
+from dst.wire import hot
 from dst.wire import messages as m
 from dst.wire.messages import (
     REQUEST_TYPES,
@@ -303,6 +304,11 @@ def parse_meta(prefix: FramePrefix, meta: bytes | bytearray | memoryview) -> Mes
     obj = _unpack_flat(prefix.msg_type, meta)
     if obj is None:
         obj = _unpack(meta)
+    else:
+        fast = hot.decode.get(prefix.msg_type)
+        hot_msg = fast(obj, prefix.flags, prefix.data_len) if fast is not None else None
+        if hot_msg is not None:
+            return hot_msg
     spec = _BY_TYPE.get(prefix.msg_type)
     if spec is None:
         tid, sub = _ids(obj, None)
@@ -384,10 +390,11 @@ def encode_frame(
     flags = msg.flags if isinstance(msg, REQUEST_TYPES) else 0
     data_len = sum(memoryview(v).nbytes for v in data)
     try:
-        validate(msg)
         if data_len > MAX_DATA_LEN:
             raise FieldError("data_len", data_len, f"over MAX_DATA_LEN {MAX_DATA_LEN}")
-        _frame_rules(msg, flags, data_len)
+        if not hot.valid(msg, data_len):  # the hot messages, checked in one pass
+            validate(msg)
+            _frame_rules(msg, flags, data_len)
     except FieldError as exc:
         raise LocalProtocolError(str(exc), exc.errno) from None
     if data_crc is None:

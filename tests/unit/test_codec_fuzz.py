@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from typing import Any
+from unittest.mock import patch
 
 import crc32c
 import msgpack
@@ -29,6 +30,7 @@ from dst.wire import (
     MIN_CHECKSUM_EXTENT,
     Attach,
     Attached,
+    BadRequest,
     ChecksumRequest,
     FlushRequest,
     FrameDecoder,
@@ -48,8 +50,11 @@ from dst.wire import (
     Welcome,
     WriteRequest,
     WriteZeroesRequest,
+    codec,
     encode_frame,
+    hot,
 )
+from dst.wire.rules import FieldError, validate
 from tests.unit.test_codec import raw_frame
 from tests.unit.test_vectors import INDEX, vector_bytes
 
@@ -298,3 +303,179 @@ def test_valid_messages_round_trip(msg_and_data: tuple[Message, bytes]) -> None:
     frame = decoder.next_frame()
     assert frame is not None and frame.message == msg and frame.data == data
     assert encode_frame(frame.message, [frame.data] if data else []) == head  # canonical
+
+
+# -- the hot messages' one-pass checks (dst/wire/hot.py) agree with the general rules ----------
+
+_EDGE_INTS = st.one_of(
+    st.sampled_from([0, 1, -1, 4096, U16, U16 + 1, U32, U32 + 1, U64, U64 + 1, 1 << 24]),
+    st.integers(-(2**65), 2**65),
+)
+_VALUES = st.one_of(_EDGE_INTS, st.booleans(), st.text(max_size=3), st.none(), st.floats())
+_RUN = st.one_of(
+    st.tuples(
+        st.sampled_from([1, 512, 4096, MAX_PAGE_SIZE, MAX_PAGE_SIZE + 1, 0]),
+        st.sampled_from([0, 1, 512, MAX_PAGE_SIZE - 1, MAX_PAGE_SIZE, -1]),
+        st.sampled_from([1, 2, 0, U32, U32 + 1]),
+    ),
+    st.tuples(_VALUES, _VALUES),
+    _VALUES,
+)
+_PAGES = st.one_of(st.lists(_RUN, max_size=3).map(tuple), _VALUES)
+_KEYS = {
+    MsgType.READ: ("t", "s", "h", "o", "l", "p"),
+    MsgType.WRITE: ("t", "s", "h", "o", "l", "e", "p"),
+    MsgType.REPLY: ("t", "s", "err", "msg"),
+}
+
+
+@st.composite
+def hot_metas(draw: st.DrawFn) -> tuple[int, dict[str, Any], int, int]:
+    """A READ, WRITE or Reply meta map near the edges of every rule: each field valid-looking
+    or not, sometimes missing, with flags and a data length to match or not."""
+    msg_type = draw(st.sampled_from(sorted(_KEYS)))
+    length = draw(st.sampled_from([512, 4096, 8192, 1 << 20]))
+
+    def field(valid: st.SearchStrategy[Any], edge: st.SearchStrategy[Any]) -> Any:
+        return draw(valid if draw(st.integers(0, 9)) else edge)  # mostly valid: one bad field
+
+    fields: dict[str, Any] = {
+        "t": field(st.integers(0, U64), _EDGE_INTS),
+        "s": field(st.integers(0, U16), _EDGE_INTS),
+        "h": field(st.integers(0, U32), _EDGE_INTS),
+        "o": field(st.integers(0, U64 - length + 1), _EDGE_INTS),
+        "l": field(st.just(length), _EDGE_INTS),
+        "e": field(st.integers(0, U64), _VALUES),
+        "p": field(
+            st.just(((4096, 0, length // 4096),) if length >= 4096 else ((512, 0, 1),)), _PAGES
+        ),
+        "err": field(st.sampled_from([0, 0, 5, 4095]), st.sampled_from([4096, -1, True])),
+        "msg": field(st.just(""), st.one_of(st.text(max_size=4), st.just("x" * 1025), _VALUES)),
+    }
+    keys = [k for k in _KEYS[msg_type] if draw(st.integers(0, 30))]  # sometimes one missing
+    meta = {k: fields[k] for k in keys}
+    flags = draw(st.one_of(st.just(0), st.sampled_from([int(f) for f in ALLOWED_FLAGS.values()])))
+    data_len = draw(
+        st.sampled_from([0, length, 512])
+        if msg_type == MsgType.REPLY
+        else st.just(0 if msg_type == MsgType.READ else length)
+        if draw(st.integers(0, 9))
+        else st.sampled_from([0, 512, length])
+    )
+    return int(msg_type), meta, flags, data_len
+
+
+@FUZZ
+@given(hot_metas())
+def test_hot_decode_accepts_exactly_what_the_general_rules_accept(
+    case: tuple[int, dict[str, Any], int, int],
+) -> None:
+    check_hot(*case)
+
+
+_VALID_HOT = {
+    MsgType.READ: {"t": 7, "s": 1, "h": 3, "o": 8192, "l": 8192, "p": ((4096, 0, 2),)},
+    MsgType.WRITE: {"t": 7, "s": 1, "h": 3, "o": 8192, "l": 8192, "e": 2, "p": ((4096, 0, 2),)},
+    MsgType.REPLY: {"t": 7, "s": 1, "err": 0, "msg": ""},
+}
+_SWAPS: list[Any] = [
+    *(0, 1, -1, 5, 4095, 4096, 8192, U16, U16 + 1, U32, U32 + 1, U64, 1 << 24, (1 << 24) + 1),
+    *(U64 - 8191, U64 - 8190, True, None, "", "x", "x" * 1025, "\u00e9" * 600, 1.0, (1, 2)),
+    *(((4096, 0, 1),), ((4096, 0, 2),), ((512, 0, 16),), ((4096, 1, 2),), ((0, 0, 2),)),
+    *(((MAX_PAGE_SIZE, 0, 1),), ((MAX_PAGE_SIZE, 1, 1),), ((4096, -1, 2),), ((4096, 0, 0),)),
+    *(((4096, 0, 1), (2048, 2048, 2)), ((4096, 0),), ((4096, 0, True),), (), [(4096, 0, 2)]),
+]
+
+
+_BIG = MAX_PAGE_SIZE
+#: Fields that break a rule only together (a run past its page that still sums to length).
+_OVERLAYS: list[dict[str, Any]] = [
+    {"l": _BIG, "p": ((_BIG, 0, 1),)},
+    {"l": _BIG, "p": ((_BIG, 1, 1),)},
+    {"l": _BIG - 1, "p": ((_BIG - 1, 1, 1),)},
+    {"l": 1 << 24, "p": ((4096, 0, 4096),)},
+    {"l": (1 << 24) + 4096, "p": ((4096, 0, 4097),)},
+    {"l": 0, "p": ((4096, 0, 0),)},
+    {"o": U64 - 8191, "l": 8192},
+    {"o": U64 - 8190, "l": 8192},
+    {"err": 5, "msg": "\u00e9" * 512},
+    {"err": 5, "msg": "\u00e9" * 513},
+    {"err": 5, "msg": "x" * 1024},
+    {"err": 4095, "msg": "\ud800"},
+]
+
+
+def test_hot_decode_agrees_with_the_general_rules_field_by_field() -> None:
+    """Each field of a valid READ, WRITE and Reply swapped for each value of a list near
+    every rule's edge (and a few fields together), under every flag and data length: the
+    one-pass check accepts exactly what the general rules accept."""
+    checked = accepted = 0
+    for msg_type, valid in _VALID_HOT.items():
+        variants = [{key: value} for key in valid for value in _SWAPS] + _OVERLAYS
+        for variant in variants:
+            for flags in (0, *(int(f) for f in ALLOWED_FLAGS.values())):
+                for data_len in (0, 512, 8192, _BIG - 1):
+                    meta = {**valid, **{k: v for k, v in variant.items() if k in valid}}
+                    if check_hot(int(msg_type), meta, flags, data_len):
+                        accepted += 1
+                    checked += 1
+    assert accepted > 100 and checked - accepted > 1000, (checked, accepted)
+
+
+def test_hot_encode_check_agrees_with_the_general_rules() -> None:
+    """What the encoder's one-pass check passes, the general rules pass too (values msgpack
+    could not even carry included), and the usual messages do pass it."""
+    names = {"t": "tid", "s": "sub", "h": "handle", "o": "offset", "l": "length", "e": "epoch"}
+    names["p"] = "pages"
+    for cls, msg_type in ((ReadRequest, MsgType.READ), (WriteRequest, MsgType.WRITE)):
+        valid = _VALID_HOT[msg_type]
+        for variant in [{k: v} for k in valid for v in [*_SWAPS, U64 + 1, -(2**70)]] + _OVERLAYS:
+            fields = {names[k]: v for k, v in {**valid, **variant}.items() if k in valid}
+            for flags in (0, 1, 2, 4, 8, 16, 32, 64):
+                msg = cls(**fields, flags=flags)
+                for data_len in (0, 8192, _BIG):
+                    assert hot.valid(msg, data_len) == general_valid(msg, data_len), (msg, data_len)
+    for tid, sub, code, text in [(7, 1, 0, ""), (U64 + 1, 0, 0, ""), (1, 1, 5, "é" * 513)]:
+        reply = Reply(tid, sub, code, text)
+        for data_len in (0, 4096):
+            assert hot.valid(reply, data_len) == general_valid(reply, data_len), reply
+    assert hot.valid(Reply(7, 1, 0, ""), 4096) and hot.valid(Reply(7, 1, 5, "no"), 0)
+
+
+def general_valid(msg: Message, data_len: int) -> bool:
+    try:
+        validate(msg)
+        codec._frame_rules(msg, getattr(msg, "flags", 0), data_len)
+    except FieldError:
+        return False
+    return True
+
+
+def check_hot(msg_type: int, meta: dict[str, Any], flags: int, data_len: int) -> bool:
+    """Assert the verdicts agree; True if the message is valid."""
+    try:
+        packed = msgpack.packb(meta, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError):
+        return False  # not representable in msgpack: never on the wire
+    obj = msgpack.unpackb(packed, raw=False, use_list=False, strict_map_key=True)
+    fast = hot.decode[msg_type](obj, flags, data_len)
+    with patch.dict(hot.decode, clear=True):  # the general path alone
+        frame = decode_raw(raw_frame(msg_type, packed, bytes(data_len), flags))
+    general_ok = frame is not None and not isinstance(frame, BadRequest)
+    assert (fast is not None) == general_ok, (meta, flags, data_len, fast, frame)
+    if fast is not None:
+        assert fast == frame
+        assert hot.valid(fast, data_len)  # and the encoder's check agrees
+    return fast is not None
+
+
+def decode_raw(raw: bytes) -> Message | None:
+    """The message of one frame, or None where the decoder refuses it."""
+    try:
+        frame = FrameDecoder()
+        frame.receive_data(raw)
+        frame.receive_data(b"")
+        got = frame.next_frame()
+    except RemoteProtocolError:
+        return None
+    return got.message if got is not None else None
