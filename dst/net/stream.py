@@ -69,7 +69,7 @@ class ByteStream:
         self._view[: len(initial)] = initial
         self._start, self._end = 0, len(initial)
         self._send_lock = trio.Lock()  # TLS only: SSLStream.send_all takes one at a time
-        self._out: list[memoryview] = []  # parts queued for the next writev
+        self._out: list[Buffer] = []  # parts queued for the next writev
         self._queued = self._sent = 0  # messages queued and handed to the kernel, ever
         self._flushing = False  # a sender is handing the queue to the kernel
         self._flushed = trio.Event()  # set (and replaced) each time a flusher finishes
@@ -104,7 +104,7 @@ class ByteStream:
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self._sock)
 
-    async def _writev(self, bufs: Sequence[memoryview]) -> int:
+    async def _writev(self, bufs: Sequence[Buffer]) -> int:
         assert self._sock is not None
         while True:
             fd = self._sock.fileno()
@@ -200,7 +200,8 @@ class ByteStream:
 
     async def send_parts(self, parts: Sequence[Buffer]) -> None:
         """Send ``parts`` back to back as one message (coalesced with the messages of other
-        tasks queued meanwhile; see the module docstring)."""
+        tasks queued meanwhile; see the module docstring).  Each part is bytes, a bytearray
+        or a memoryview of format ``'B'`` (its ``len`` is its size in bytes)."""
         if self._sock is None:
             async with self._send_lock:
                 try:
@@ -211,7 +212,7 @@ class ByteStream:
             return
         if self._send_failed:
             raise trio.BrokenResourceError(self._send_failed)
-        self._out.extend(memoryview(p).cast("B") for p in parts if len(p))
+        self._out.extend(parts)  # as given: a view is made only of one sent in part
         self._queued += 1
         mine = self._queued
         while self._flushing:  # the flusher may send ours; it wakes us when it is done
@@ -246,7 +247,7 @@ class ByteStream:
             self._flushed.set()  # waiters whose message is still queued: one takes over
             self._flushed = trio.Event()
 
-    async def _send_all(self, bufs: list[memoryview]) -> None:
+    async def _send_all(self, bufs: list[Buffer]) -> None:
         i = 0
         while i < len(bufs):
             sent = await self._writev(bufs[i : i + IOV_MAX])
@@ -255,7 +256,7 @@ class ByteStream:
                 sent -= len(bufs[i])
                 i += 1
             if sent:
-                bufs[i] = bufs[i][sent:]
+                bufs[i] = memoryview(bufs[i])[sent:]
 
     async def aclose(self) -> None:
         await self.stream.aclose()
