@@ -152,6 +152,14 @@ class Replicated:
             for piece in pieces:
                 nursery.start_soon(self._write, piece)
 
+    def submit_nowait(self, bio: Bio) -> bool:
+        """A READ the local store completes at once (reads are local, as in submit); every
+        other bio goes to both sides, so it is declined."""
+        if bio.op is not Op.READ:
+            return False
+        nowait = getattr(self.local, "submit_nowait", None)
+        return nowait is not None and bool(nowait(bio))
+
     async def _write(self, piece: Bio) -> None:
         if piece.flags & BioFlags.PREFLUSH:
             await self._drain_behind()

@@ -240,6 +240,31 @@ async def test_clients_listing_both_servers_attach_where_the_volume_is_primary(
         assert primary.stats["write"] == 1
 
 
+async def test_the_primary_answers_cached_reads_at_once_and_never_a_write(
+    tmp_path: Path,
+) -> None:
+    """submit_nowait on the primary: READs come from the local store in the session's
+    reader; a WRITE completed there would never reach the peer, so every one takes the
+    replicated path — and lands on both sides."""
+    blocks = [random.Random(i).randbytes(4096) for i in range(16)]
+    async with running_pair(tmp_path) as (primary, secondary, p_addr, _):
+        async with open_remote(p_addr, "vol0") as vol:
+            async with trio.open_nursery() as nursery:
+                for i, block in enumerate(blocks):
+                    nursery.start_soon(vol.submit, Bio.from_buffer(Op.WRITE, i * 4096, block))
+            assert primary.stats["completed_inline"] == 0 and primary.stats["write"] == 16
+            out = bytearray(16 * 4096)
+            async with trio.open_nursery() as nursery:
+                for i in range(16):
+                    view = memoryview(out)[i * 4096 : (i + 1) * 4096]
+                    nursery.start_soon(vol.submit, Bio.from_buffer(Op.READ, i * 4096, view))
+            assert out == b"".join(blocks)
+            assert primary.stats["completed_inline"] == 16
+        assert secondary.stats["write"] == 16
+        with open(tmp_path / "secondary" / "vol0.img", "rb") as f:
+            assert f.read(len(out)) == out
+
+
 async def test_dst_verify_finds_exactly_the_extent_that_differs(tmp_path: Path) -> None:
     rng = random.Random(4)
     async with running_pair(tmp_path) as (_, _, p_addr, _):
