@@ -126,6 +126,11 @@ class ServerCollector(Collector):
             ("connections", "dst_server_connections", "Connections accepted"),
             ("protocol_errors", "dst_server_protocol_errors", "Connections closed for bad frames"),
             ("bad_requests", "dst_server_bad_requests", "Requests refused by the codec"),
+            (
+                "completed_inline",
+                "dst_server_requests_completed_inline",
+                "Requests the store completed at once (cached reads, small writes), no task",
+            ),
         ):
             family = CounterMetricFamily(name, doc, labels=["node"])
             family.add_metric([node], stats.get(key, 0))

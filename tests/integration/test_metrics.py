@@ -111,6 +111,8 @@ async def test_counters_move_by_what_the_nbd_clients_moved(tmp_path: Path) -> No
             assert value(server, "dst_fence_rejected_writes_total") == 0
             assert value(server, "dst_store_syncs_total", volume="vol0") >= 1  # the flush
             assert value(server, "dst_store_errors_total", volume="vol0") == 0
+            # the READ found its bytes in the page cache: answered by the session's reader
+            assert value(server, "dst_server_requests_completed_inline_total") >= 1
 
             # The secondary goes away: what the primary writes now is out of sync, counted.
             secondary.stop()
