@@ -2,8 +2,11 @@
 
 The reader task owns the socket's receive side.  For each request it takes an in-flight slot
 (a semaphore of ``max_inflight``, announced in Welcome) and, for a write, pool pages, then
-reads the data straight into those pages and starts a task that runs the request on the
-volume's layer stack.  Replies go out in completion order through the stream's send lock.
+reads the data straight into those pages.  A request the volume's stack completes at once
+(``submit_nowait``: a cached read, a small write into the page cache) is done right there and
+its reply queued for the answering task, which sends every queued reply in one write; any
+other request runs in a task of its own (``dst/server/requests.py``).  Replies go out in
+completion order.
 When slots or pages run out the reader simply stops reading: backpressure reaches the client
 through TCP, and memory stays bounded.
 
@@ -22,8 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from dst import chaos
-from dst.block import Bio, BioFlags, Op, Segment, validate_bio
+from dst.block import Bio, Op, validate_bio
 from dst.errors import BlockError, FencedError, ProtocolError
 from dst.fence.replay import ReplayWindow
 from dst.net.convert import limits_to_wire
@@ -31,6 +33,7 @@ from dst.net.framed import Buffer, FramedStream, describe
 from dst.replication.peer import REPLICATION_NODE_SUFFIX
 from dst.server import handlers
 from dst.server.pool import Pages
+from dst.server.requests import OPS, Answer, DataRequest, bio_for, complete_now, submit
 from dst.wire import (
     PROTOCOL_VERSION,
     Attach,
@@ -69,15 +72,6 @@ log = logging.getLogger("dst.server")
 HELLO_TIMEOUT_S = 10.0
 ROLES = ("client", "bridge", "replica")
 
-DataRequest = ReadRequest | WriteRequest | FlushRequest | TrimRequest | WriteZeroesRequest
-OPS: dict[type, Op] = {
-    ReadRequest: Op.READ,
-    WriteRequest: Op.WRITE,
-    FlushRequest: Op.FLUSH,
-    TrimRequest: Op.TRIM,
-    WriteZeroesRequest: Op.WRITE_ZEROES,
-}
-
 
 class Session:
     def __init__(self, server: Server, framed: FramedStream, tls_role: str | None, peer: str):
@@ -98,7 +92,7 @@ class Session:
         self.scope = trio.CancelScope()
         # Requests the reader completed itself (submit_nowait), their replies waiting for the
         # answering task, which sends all those queued in one write; the event wakes it.
-        self._answers: list[_Answer] = []
+        self._answers: list[Answer] = []
         self._answer_wake = trio.Event()
         self._reading = True
         self._answering = 0  # of the batch being sent, all but one: not others in flight
@@ -271,12 +265,11 @@ class Session:
                         continue
                     pages = pool.acquire_nowait(msg.length) or await pool.acquire(msg.length)
                 volume = self.handles.get(msg.handle)
-                answer = _Answer(msg, volume, pages, self.server.io.begin())
+                answer = Answer(msg, volume, pages, self.server.io.begin())
                 try:
                     bio = self._bio(msg, volume, pages)
                     assert volume is not None
-                    nowait = getattr(volume.layer, "submit_nowait", None)
-                    if nowait is None or not _nowait(nowait, bio):
+                    if not complete_now(volume.layer, bio):
                         nursery.start_soon(self._in_slot, self._run_request, answer, bio)
                         continue
                     self.server.stats["completed_inline"] += 1
@@ -332,21 +325,17 @@ class Session:
             epoch = msg.epoch if self.role != "replica" else 0
             if self.role != "replica" and msg.epoch == 0:
                 raise FencedError(f"epoch 0 is older than volume epoch {volume.epoch}")
-        bio = _bio_for(msg, pages, epoch)
+        bio = bio_for(msg, pages, epoch)
         validate_bio(bio, volume.limits, volume.size)
         return bio
 
-    async def _run_request(self, answer: _Answer, bio: Bio) -> None:
+    async def _run_request(self, answer: Answer, bio: Bio) -> None:
         """A request the volume could not complete at once: submit it, then answer."""
         msg, volume, pages = answer.msg, answer.volume, answer.pages
         assert volume is not None
         try:
             try:
-                try:
-                    await volume.layer.submit(bio)
-                except BlockError as exc:
-                    if not _eio_as_zeros(exc, bio):
-                        raise
+                await submit(volume.layer, bio)
                 answer.parts, answer.ok = self._success(msg, bio, pages), True
             except BlockError as exc:
                 answer.parts = self._failure(msg, volume, exc)
@@ -412,13 +401,13 @@ class Session:
                 self._answering = 0
                 self._retire_answers(batch)
 
-    def _retire_answers(self, batch: list[_Answer]) -> None:
+    def _retire_answers(self, batch: list[Answer]) -> None:
         for answer in batch:
             self._retire(answer)
             self.slots.release()
         batch.clear()
 
-    def _retire(self, answer: _Answer) -> None:
+    def _retire(self, answer: Answer) -> None:
         """A request answered (or abandoned): its pages back, its time and outcome counted —
         the one place a server request is timed and counted by volume and op (metrics)."""
         msg, volume = answer.msg, answer.volume
@@ -427,58 +416,3 @@ class Session:
         name = volume.name if volume is not None else "-"
         length = 0 if isinstance(msg, FlushRequest) else msg.length
         self.server.io.end(name, OPS[type(msg)].name.lower(), length, answer.began, ok=answer.ok)
-
-
-class _Answer:
-    """A data request on its way out: its reply frame's parts, what to release after."""
-
-    __slots__ = ("began", "msg", "ok", "pages", "parts", "volume")
-
-    def __init__(
-        self, msg: DataRequest, volume: Volume | None, pages: Pages | None, began: float
-    ) -> None:
-        self.msg, self.volume, self.pages, self.began = msg, volume, pages, began
-        self.parts: list[Buffer] = []
-        self.ok = False
-
-
-def _nowait(nowait: Callable[[Bio], bool], bio: Bio) -> bool:
-    """``submit_nowait`` with the broken build's EIO-as-zeros, as for submit."""
-    try:
-        return nowait(bio)
-    except BlockError as exc:
-        if not _eio_as_zeros(exc, bio):
-            raise
-        return True
-
-
-def _eio_as_zeros(exc: BlockError, bio: Bio) -> bool:
-    """Broken build ``eio-as-zeros``: a READ that failed with EIO is filled with zeros and
-    answered as a success (True).  The real build never does this (False)."""
-    if not (chaos.BROKEN and chaos.broken("eio-as-zeros")):
-        return False
-    if bio.op is not Op.READ or exc.errno != errno.EIO:
-        return False
-    for view in bio.views():
-        view[:] = bytes(len(view))
-    return True
-
-
-# Per request: a table lookup, not an IntFlag construction (a microsecond or more each).
-_BIO_FLAGS = {int(f): f for f in (BioFlags(n) for n in range(16))}
-_NOT_RECV_ACK = ~int(FrameFlags.RECV_ACK)
-
-
-def _bio_flags(bits: int) -> BioFlags:
-    return _BIO_FLAGS[bits] if bits in _BIO_FLAGS else BioFlags(bits)
-
-
-def _bio_for(msg: DataRequest, pages: Pages | None, epoch: int = 0) -> Bio:
-    op = OPS[type(msg)]
-    if isinstance(msg, FlushRequest):
-        return Bio(Op.FLUSH, 0, 0, (), _bio_flags(msg.flags))
-    segments: tuple[Segment, ...] = ()
-    if pages is not None:
-        segments = tuple(Segment(v, 0, len(v)) for v in pages.views)
-    # RECV_ACK is about the wire (answered by the read loop), not the block request.
-    return Bio(op, msg.offset, msg.length, segments, _bio_flags(msg.flags & _NOT_RECV_ACK), epoch)
