@@ -300,10 +300,15 @@ class Session:
         await self.reply(Reply(tid=tid, sub=sub, errno=code, message=text))
 
     async def reply(self, reply: Message, data: list[memoryview] | None = None) -> None:
+        self.conn.send(reply)
+        await self._send_replies([encode_frame(reply, data or ()), *(data or ())])
+
+    async def _send_replies(self, parts: list[Buffer]) -> None:
+        """Send reply frames; a peer that is gone resends what it still wants on its next
+        connection, so a failed send is not the session's error."""
         try:
-            await self.send(reply, data)
+            await self.framed.send_parts(parts)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # The peer is gone; it will resend what it still wants on its next connection.
             pass
 
     def _bio(self, msg: DataRequest, volume: Volume | None, pages: Pages | None) -> Bio:
@@ -339,9 +344,7 @@ class Session:
                 answer.parts, answer.ok = self._success(msg, bio, pages), True
             except BlockError as exc:
                 answer.parts = self._failure(msg, volume, exc)
-            await self.framed.send_parts(answer.parts)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the peer is gone; it resends what it still wants on its next connection
+            await self._send_replies(answer.parts)
         finally:
             self._retire(answer)
 
@@ -394,9 +397,7 @@ class Session:
                 parts += answer.parts
             self._answering = len(batch) - 1
             try:
-                await self.framed.send_parts(parts)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # as in _run_request: the peer resends on its next connection
+                await self._send_replies(parts)
             finally:
                 self._answering = 0
                 self._retire_answers(batch)
