@@ -7,7 +7,7 @@ Everything a block layer needs, re-exported from its module:
 - :mod:`dst.block.limits` — :class:`Limits` and how they stack;
 - :mod:`dst.block.split` — :func:`split`, which cuts any valid bio to any valid limits;
 - :mod:`dst.block.layer` — the :class:`BlockLayer` and :class:`StartingLayer` protocols, the
-  :class:`Plug` and :func:`submit_split`;
+  :class:`Plug`, :class:`Completion` (a Pending) and :func:`submit_split`;
 - :mod:`dst.block.memory`, :mod:`dst.block.file` — the stores at the bottom of a stack.
 """
 
@@ -17,6 +17,7 @@ from dst.block.bio import SECTOR_SIZE, Bio, BioFlags, Op, Segment, validate_bio
 from dst.block.file import IO_THREADS, IOV_MAX, FileStore
 from dst.block.layer import (
     BlockLayer,
+    Completion,
     Pending,
     Plug,
     StartingLayer,
@@ -37,6 +38,7 @@ __all__ = [
     "Bio",
     "BioFlags",
     "BlockLayer",
+    "Completion",
     "FileStore",
     "Limits",
     "MemoryStore",

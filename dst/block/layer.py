@@ -51,6 +51,7 @@ from dst.errors import BlockError
 
 __all__ = [
     "BlockLayer",
+    "Completion",
     "Pending",
     "Plug",
     "StartingLayer",
@@ -93,6 +94,30 @@ class Pending(Protocol):
         """Call ``callback`` (which must not raise or wait) when the bio has completed; at
         once if it already has."""
         ...
+
+
+class Completion:
+    """A Pending that its layer finishes: :meth:`finish` sets the outcome and runs the
+    callbacks once."""
+
+    __slots__ = ("_callbacks", "done", "error")
+
+    def __init__(self) -> None:
+        self.error: BlockError | None = None
+        self.done = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    def then(self, callback: Callable[[], None]) -> None:
+        if self.done:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def finish(self, error: BlockError | None = None) -> None:
+        self.error, self.done = error, True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
 
 
 @runtime_checkable

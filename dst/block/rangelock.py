@@ -5,7 +5,9 @@ must land overlapping writes in the same order everywhere, and a resync copy of 
 must not interleave with a write to it.  Both are done by waiting (DRBD's conflict detection):
 a holder of ``[start, end)`` waits until no overlapping holder is left, then holds it;
 non-overlapping holders proceed in parallel.  Waiters are not queued fairly; a waiter that
-loses the race simply waits again.
+loses the race simply waits again.  A holder that must not wait (a write started without a
+task, ``dst/replication/started.py``) takes a range with :meth:`RangeLocks.hold_nowait` or
+leaves it to one that can.
 """
 
 from __future__ import annotations
@@ -24,6 +26,20 @@ class RangeLocks:
     def locked(self, start: int, end: int) -> _Hold:
         """``async with``: hold [start, end) against every overlapping holder."""
         return _Hold(self._held, start, end)
+
+    def hold_nowait(self, start: int, end: int) -> tuple[int, int, trio.Event] | None:
+        """Hold [start, end) if no holder overlaps it, else None; give it back with
+        :meth:`release`."""
+        for s, e, _ in self._held:
+            if s < end and start < e:
+                return None
+        entry = (start, end, trio.Event())
+        self._held.append(entry)
+        return entry
+
+    def release(self, entry: tuple[int, int, trio.Event]) -> None:
+        self._held.remove(entry)
+        entry[2].set()
 
     def __len__(self) -> int:
         return len(self._held)

@@ -23,12 +23,13 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 import trio
 
 from dst import chaos
 from dst.block import Bio, Limits, Op
-from dst.block.layer import BlockLayer
+from dst.block.layer import BlockLayer, Pending, Plug, StartingLayer
 from dst.errors import FencedError
 
 log = logging.getLogger("dst.fence")
@@ -89,11 +90,37 @@ class Fence:
         try:
             await self.below.submit(bio)
         finally:
-            self._in_flight[bio.epoch] -= 1
-            if not self._in_flight[bio.epoch]:
-                del self._in_flight[bio.epoch]
-            self._changed.set()
-            self._changed = trio.Event()
+            self._landed(bio.epoch)
+
+    @property
+    def can_start(self) -> bool:
+        """True where the layer below can start bios (a replication primary's)."""
+        return bool(getattr(self.below, "can_start", False))
+
+    async def start(self, bio: Bio, plug: Plug | None = None) -> Pending:
+        """Start ``bio`` on the layer below (a StartingLayer): fenced as in submit, a write
+        counted in flight until its callbacks run."""
+        below = cast(StartingLayer, self.below)
+        if bio.op not in FENCED_OPS or bio.epoch == 0:
+            return await below.start(bio, plug)
+        self._admit(bio)
+        epoch = bio.epoch
+        self._in_flight[epoch] += 1
+        try:
+            pending = await below.start(bio, plug)
+        except BaseException:
+            self._landed(epoch)
+            raise
+        pending.then(lambda: self._landed(epoch))
+        return pending
+
+    def _landed(self, epoch: int) -> None:
+        """A write of ``epoch`` past the door has finished (applied or failed)."""
+        self._in_flight[epoch] -= 1
+        if not self._in_flight[epoch]:
+            del self._in_flight[epoch]
+        self._changed.set()
+        self._changed = trio.Event()
 
     def submit_nowait(self, bio: Bio) -> bool:
         """Complete ``bio`` now if the layer below can without waiting (``submit_nowait``,

@@ -15,6 +15,10 @@ from dst.wire import HEADER_SIZE, FramePrefix, Message, parse_meta, parse_prefix
 
 __all__ = ["Buffer", "FramedStream", "describe"]
 
+#: Where the prefix (proto/PROTOCOL.md) keeps the message's length: after magic, version,
+#: type and flags, a big-endian u32.
+_META_LEN_AT = 8
+
 
 class FramedStream(ByteStream):
     """Reads and writes dst frames on one Trio stream (TCP or TLS)."""
@@ -31,6 +35,16 @@ class FramedStream(ByteStream):
         prefix = parse_prefix(raw)
         meta = await self.read_exact(prefix.meta_len, "frame") if prefix.meta_len else b""
         return prefix, parse_meta(prefix, meta)
+
+    @property
+    def head_buffered(self) -> bool:
+        """The next frame's prefix and message have arrived: ``read_head`` takes no receive
+        (a server's reader flushes its plug before one that may wait)."""
+        have = self._end - self._start
+        if have < HEADER_SIZE:
+            return False
+        at = self._start + _META_LEN_AT
+        return have >= HEADER_SIZE + int.from_bytes(self._view[at : at + 4], "big")
 
     async def read_data_into(self, views: Sequence[memoryview]) -> None:
         await self.read_into(views, "frame data")

@@ -28,6 +28,17 @@ class ActiveWrites:
         """``async with``: the write's extents active on disk for the block's duration."""
         return _Writing(self, offset, length)
 
+    def begin_nowait(self, offset: int, length: int) -> bool:
+        """Make the write's extents active without waiting — True if they were active on
+        disk already (or there is no log) — or False with nothing changed; :meth:`end`
+        after the write."""
+        return self.al is None or self.al.begin_nowait(offset, length)
+
+    def end(self, offset: int, length: int) -> None:
+        """The write is safe everywhere: its extents' references go."""
+        if self.al is not None:
+            self._ended(offset, length)
+
     def _ended(self, offset: int, length: int) -> None:
         assert self.al is not None
         self.al.end(offset, length)

@@ -45,10 +45,10 @@ marks those ranges in the dirty bitmap, flushes the bitmap and persists
 ``Generations.mark_crashed_primary()`` *before* the first :meth:`commit`, which may drop them.
 :meth:`clear` (no write in flight) commits an empty set, for a clean shutdown or demotion.
 
-Threads: ``begin``, ``end``, ``active_extents`` and ``statistics`` are memory operations for
-the event loop; ``open``, ``commit``, ``clear`` and ``close`` block on disk I/O and belong in
-``trio.to_thread.run_sync``.  A failed write or fdatasync poisons the log: from then on
-``begin`` and ``commit`` raise BlockError(EIO), since what reached the disk is unknown.
+Threads: ``begin``, ``begin_nowait``, ``end``, ``active_extents`` and ``statistics`` are memory
+operations for the event loop; ``open``, ``commit``, ``clear`` and ``close`` block on disk I/O
+and belong in ``trio.to_thread.run_sync``.  A failed write or fdatasync poisons the log: from
+then on ``begin`` and ``commit`` raise BlockError(EIO), since what reached the disk is unknown.
 """
 
 from __future__ import annotations
@@ -239,6 +239,25 @@ class ActivityLog:
                 e not in self._durable or (writing is not None and e not in writing)
                 for e in extents
             )
+
+    def begin_nowait(self, offset: int, length: int) -> bool:
+        """:meth:`begin` for a write that must not wait: the references are taken only if
+        every extent is active and in the durable record already (no eviction, no commit);
+        otherwise False, and nothing changed."""
+        extents = self._extent_range(offset, length)
+        with self._lock:
+            if self._file.failed is not None or self._file.closed:
+                return False  # begin raises the error
+            active, durable, writing = self._active, self._durable, self._writing
+            for e in extents:
+                if e not in active or e not in durable:
+                    return False
+                if writing is not None and e not in writing:
+                    return False
+            for e in extents:
+                active[e] += 1
+                active.move_to_end(e)
+            return True
 
     def end(self, offset: int, length: int) -> None:
         """Drop the references :meth:`begin` took, once the write is safe on both sides."""

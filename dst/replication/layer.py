@@ -38,7 +38,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -46,7 +46,7 @@ import trio
 
 from dst import chaos
 from dst.block import Bio, BioFlags, Limits, Op, split
-from dst.block.layer import BlockLayer
+from dst.block.layer import BlockLayer, Completion, Pending, Plug
 from dst.block.rangelock import RangeLocks
 from dst.client.link import Link, LinkBroken
 from dst.client.remote import RemoteVolume
@@ -54,6 +54,7 @@ from dst.errors import BlockError, ConfigError
 from dst.replication.active import ActiveWrites
 from dst.replication.activity_log import ActivityLog
 from dst.replication.resync import DEFAULT_RESYNC_RATE, ResyncProgress, copy_dirty_extents
+from dst.replication.started import start_write, without_failfast
 from dst.replication.sync import ReplicaState, connect_handshake
 from dst.wire import SyncRequest
 
@@ -117,9 +118,11 @@ class Replicated:
         self._progress = ResyncProgress()
         self._resynced = 0
         self._degraded_writes = 0
+        self.writes_started = 0  # writes started without a task (started.py)
         self._degraded_bytes = 0
         # Protocols A and B: writes finish on the peer after their acknowledgement, in tasks
         # of this nursery (opened by run_resync); a FLUSH waits for those issued before it.
+        # Started bios (start) that must wait run in it too.
         self._behind: trio.Nursery | None = None
         self._behind_done: set[trio.Event] = set()
 
@@ -151,6 +154,37 @@ class Replicated:
         async with trio.open_nursery() as nursery:
             for piece in pieces:
                 nursery.start_soon(self._write, piece)
+
+    @property
+    def can_start(self) -> bool:
+        """Started bios need the layer's task nursery (run_resync's)."""
+        return self._behind is not None
+
+    async def start(self, bio: Bio, plug: Plug | None = None) -> Pending:
+        """Start ``bio`` (valid: checked at the edge) and call back on its completion: a
+        plain protocol C write without a task (``dst/replication/started.py``), anything
+        else in a task of the layer's own running :meth:`submit`."""
+        started = await start_write(self, bio, plug)
+        if started is not None:
+            return started
+        if plug:
+            await plug.flush()  # what was started before this goes first
+        done = Completion()
+        tasks = self._behind
+        if tasks is None:
+            raise BlockError(errno.ESHUTDOWN, "replication is not running")
+        tasks.start_soon(self._run_started, bio, done)
+        return done
+
+    async def _run_started(self, bio: Bio, done: Completion) -> None:
+        error: BlockError | None = BlockError(errno.ESHUTDOWN, "replication stopped")
+        try:
+            await self.submit(bio)
+            error = None
+        except BlockError as exc:
+            error = exc
+        finally:
+            done.finish(error)
 
     def submit_nowait(self, bio: Bio) -> bool:
         """A READ the local store completes at once (reads are local, as in submit); every
@@ -245,7 +279,7 @@ class Replicated:
                 stage = "sent" if self.protocol == "A" else "received"
                 # A client's FAILFAST is about its own link; the replica link keeps its own
                 # rules (no resend, degrade on failure), not a client's deadline.
-                await self.peer.submit(_without_failfast(bio), early=peer_early, stage=stage)
+                await self.peer.submit(without_failfast(bio), early=peer_early, stage=stage)
             except BlockError as exc:
                 peer_error = exc
                 if ready is not None:  # degrade (bitmap, generation) before the ack
@@ -297,7 +331,7 @@ class Replicated:
         txn = None
         try:
             # A client's FAILFAST is about its own link; the replica link keeps its own rules.
-            txn = await self.peer.start(_without_failfast(bio))
+            txn = await self.peer.start(without_failfast(bio))
         except BlockError as exc:
             peer_error = exc
         try:
@@ -523,9 +557,3 @@ class Replicated:
             # A clean stop: no write is in flight, the bitmap holds what the peer lacks.
             await trio.to_thread.run_sync(self.al.clear)
         await self.local.aclose()
-
-
-def _without_failfast(bio: Bio) -> Bio:
-    if not bio.flags & BioFlags.FAILFAST:
-        return bio
-    return replace(bio, flags=bio.flags & ~BioFlags.FAILFAST)

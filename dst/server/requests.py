@@ -8,7 +8,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from dst import chaos
-from dst.block import Bio, BioFlags, BlockLayer, Op, Segment
+from dst.block import Bio, BioFlags, BlockLayer, Op, Pending, Segment
 from dst.errors import BlockError
 from dst.net.framed import Buffer
 from dst.wire import (
@@ -37,7 +37,7 @@ OPS: dict[type, Op] = {
 class Answer:
     """A data request on its way out: its reply frame's parts, what to release after."""
 
-    __slots__ = ("began", "msg", "ok", "pages", "parts", "volume")
+    __slots__ = ("began", "bio", "msg", "ok", "pages", "parts", "pending", "volume")
 
     def __init__(
         self, msg: DataRequest, volume: Volume | None, pages: Pages | None, began: float
@@ -45,6 +45,9 @@ class Answer:
         self.msg, self.volume, self.pages, self.began = msg, volume, pages, began
         self.parts: list[Buffer] = []
         self.ok = False
+        #: A started request: its bio and outcome, made into ``parts`` when it is answered.
+        self.bio: Bio | None = None
+        self.pending: Pending | None = None
 
 
 def complete_now(layer: BlockLayer, bio: Bio) -> bool:

@@ -21,11 +21,12 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
-from dst.block import Bio, Op, validate_bio
+from dst.block import Bio, Op, Plug, StartingLayer, validate_bio
 from dst.errors import BlockError, FencedError, ProtocolError
 from dst.fence.replay import ReplayWindow
 from dst.net.convert import limits_to_wire
@@ -70,6 +71,8 @@ log = logging.getLogger("dst.server")
 # A connected peer must say Hello within this time; until then it holds one socket and a
 # 256 KiB read buffer, nothing more.
 HELLO_TIMEOUT_S = 10.0
+# A reader on its way out sends what its plug holds, for this long at most.
+PLUG_FLUSH_TIMEOUT_S = 5.0
 ROLES = ("client", "bridge", "replica")
 
 
@@ -96,7 +99,15 @@ class Session:
         self._answer_wake = trio.Event()
         self._reading = True
         self._answering = 0  # of the batch being sent, all but one: not others in flight
-        framed.in_flight = lambda: server.max_inflight - self.slots.value - self._answering
+        # WRITEs started on a replication primary (Replicated.start) hold their commands to
+        # the peer here until the reader would wait, then they leave in one send; their
+        # callbacks queue their answers for the answering task.
+        self._plug = Plug()
+        self._started = 0  # started, not yet completed
+        self._closed = False  # the session ended: a late completion retires its request
+        framed.in_flight = lambda: (
+            server.max_inflight - self.slots.value - self._answering - self._started
+        )
 
     async def send(self, msg: Message, data: list[memoryview] | None = None) -> None:
         self.conn.send(msg)
@@ -127,6 +138,7 @@ class Session:
                 if self.scope.cancelled_caught:
                     reason = "replaced by a newer replication link"
             finally:
+                self._closed = True
                 self._retire_answers(self._answers)  # left unsent by a cancelled answerer
                 self.server.sessions[self.role] -= 1
                 self.server.links[link] -= 1
@@ -201,7 +213,23 @@ class Session:
         return None
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
+        try:
+            await self._read_requests(nursery)
+        finally:  # what the plug holds must leave even when the reader fails
+            if self._plug:
+                with trio.CancelScope(shield=True), trio.move_on_after(PLUG_FLUSH_TIMEOUT_S):
+                    await self._plug.flush()
+
+    async def _unplug(self) -> None:
+        """Before the reader waits for anything: send what its started requests hold."""
+        if self._plug:
+            await self._plug.flush()
+
+    async def _read_requests(self, nursery: trio.Nursery) -> None:
+        unplug = self._unplug
         while True:
+            if self._plug and not self.framed.head_buffered:
+                await self._plug.flush()  # the next head needs a receive, which may wait
             head = await self.framed.read_head()
             if head is None:
                 return
@@ -209,12 +237,16 @@ class Session:
             msg = self.conn.receive(prefix, raw)
             if isinstance(msg, Ping):
                 # Answered at once, ahead of queued work, so keepalive survives a busy server.
+                await unplug()
                 await self.framed.send(encode_frame(Pong(token=msg.token)))
                 continue
             try:  # no trip through the scheduler while slots are free: a burst of
                 self.slots.acquire_nowait()  # requests is read in one pass (dst.net.stream)
             except trio.WouldBlock:
+                await unplug()
                 await self.slots.acquire()
+            if not isinstance(msg, DataRequest):
+                await unplug()  # handlers run after the requests read before them
             if isinstance(msg, BadRequest):
                 await self.framed.skip_data(prefix.data_len)
                 self.server.stats["bad_requests"] += 1
@@ -245,8 +277,11 @@ class Session:
                 if isinstance(msg, WriteRequest):
                     pages = pool.acquire_nowait(prefix.data_len)
                     if pages is None:
+                        await unplug()
                         pages = await pool.acquire(prefix.data_len)
                     try:
+                        if self.framed.buffered < prefix.data_len:
+                            await unplug()
                         await self.framed.read_data_into(pages.views)
                         check_data(prefix, pages.views)
                     except BaseException:
@@ -254,26 +289,37 @@ class Session:
                         raise
                     if msg.flags & FrameFlags.RECV_ACK:  # protocol B: "it is here"
                         self.server.stats["received_acks"] += 1
+                        await unplug()
                         await self.send(Received(tid=msg.tid, sub=msg.sub))
                 elif isinstance(msg, ReadRequest):
                     max_bytes = self.server.limits.max_bytes
                     if msg.length > max_bytes:
                         text = f"read length {msg.length} exceeds max_bytes {max_bytes}"
+                        await unplug()
                         nursery.start_soon(
                             self._in_slot, self.answer, msg.tid, msg.sub, errno.E2BIG, text
                         )
                         continue
-                    pages = pool.acquire_nowait(msg.length) or await pool.acquire(msg.length)
+                    pages = pool.acquire_nowait(msg.length)
+                    if pages is None:
+                        await unplug()
+                        pages = await pool.acquire(msg.length)
                 volume = self.handles.get(msg.handle)
                 answer = Answer(msg, volume, pages, self.server.io.begin())
                 try:
                     bio = self._bio(msg, volume, pages)
                     assert volume is not None
-                    if not complete_now(volume.layer, bio):
+                    layer = volume.layer
+                    if complete_now(layer, bio):
+                        self.server.stats["completed_inline"] += 1
+                        answer.parts, answer.ok = self._success(msg, bio, pages), True
+                    elif bio.op is Op.WRITE and getattr(layer, "can_start", False):
+                        await self._start(cast(StartingLayer, layer), answer, bio)
+                        continue
+                    else:
+                        await unplug()  # after the requests read before it
                         nursery.start_soon(self._in_slot, self._run_request, answer, bio)
                         continue
-                    self.server.stats["completed_inline"] += 1
-                    answer.parts, answer.ok = self._success(msg, bio, pages), True
                 except BlockError as exc:
                     answer.parts = self._failure(msg, volume, exc)
                 self._answers.append(answer)
@@ -287,6 +333,7 @@ class Session:
             else:
                 # Pong and anything else the Connection let through: nothing to do.
                 self.slots.release()
+                await unplug()
                 await self.framed.skip_data(prefix.data_len)
 
     async def _in_slot(self, handler: Callable[..., Awaitable[None]], *args: Any) -> None:
@@ -333,6 +380,24 @@ class Session:
         bio = bio_for(msg, pages, epoch)
         validate_bio(bio, volume.limits, volume.size)
         return bio
+
+    async def _start(self, layer: StartingLayer, answer: Answer, bio: Bio) -> None:
+        """Start a WRITE on a layer that can (a replication primary's); its callback queues
+        it for the answering task."""
+        pending = await layer.start(bio, self._plug)
+        self._started += 1
+        answer.bio, answer.pending = bio, pending
+        pending.then(partial(self._completed, answer))
+
+    def _completed(self, answer: Answer) -> None:
+        """A started request's callback (it runs in the task that completed it)."""
+        self._started -= 1
+        if self._closed:  # nobody is left to answer it
+            self._retire(answer)
+            self.slots.release()
+            return
+        self._answers.append(answer)
+        self._answer_wake.set()
 
     async def _run_request(self, answer: Answer, bio: Bio) -> None:
         """A request the volume could not complete at once: submit it, then answer."""
@@ -386,7 +451,7 @@ class Session:
     async def _answer(self) -> None:
         """Send the replies of the requests the reader completed, all those queued at once in
         one write; return when the reader is done and nothing is left to send."""
-        while self._reading or self._answers:
+        while self._reading or self._answers or self._started:
             if not self._answers:
                 await self._answer_wake.wait()
                 self._answer_wake = trio.Event()
@@ -394,6 +459,14 @@ class Session:
             batch, self._answers = self._answers, []
             parts: list[Buffer] = []
             for answer in batch:
+                if answer.pending is not None:  # started: its reply is made now
+                    msg, error = answer.msg, answer.pending.error
+                    if error is None:
+                        assert answer.bio is not None
+                        answer.parts = self._success(msg, answer.bio, answer.pages)
+                        answer.ok = True
+                    else:
+                        answer.parts = self._failure(msg, answer.volume, error)
                 parts += answer.parts
             self._answering = len(batch) - 1
             try:

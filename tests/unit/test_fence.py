@@ -7,8 +7,9 @@ import errno
 
 import pytest
 import trio
+import trio.testing
 
-from dst.block import Bio, MemoryStore, Op
+from dst.block import Bio, Completion, MemoryStore, Op, Plug
 from dst.errors import BlockError, FencedError
 from dst.fence import Fence, Ownership
 from dst.fence.replay import ReplayWindow
@@ -130,3 +131,52 @@ async def test_nowait_passes_the_current_epoch_and_refuses_an_older_one() -> Non
     assert store.contents(0, 1024) == b"n" * 512 + b"z" * 512
     fence.below = MemoryStore(MiB)  # a layer that cannot: declined, for submit
     assert not fence.submit_nowait(write(0, b"n" * 512, 2))
+
+
+class Started(MemoryStore):
+    """Starts every bio and completes it when the test says (``finish``)."""
+
+    can_start = True
+
+    def __init__(self) -> None:
+        super().__init__(MiB)
+        self.started: list[tuple[Bio, Completion]] = []
+
+    async def start(self, bio: Bio, plug: Plug | None = None) -> Completion:
+        done = Completion()
+        self.started.append((bio, done))
+        return done
+
+    def finish(self) -> None:
+        for bio, done in self.started:
+            self._apply(bio)
+            done.finish()
+        self.started.clear()
+
+
+async def test_a_started_write_is_fenced_and_in_flight_until_its_callbacks() -> None:
+    """Fence.start refuses an older epoch as submit does, and an advance waits for a write
+    started before it until that write's completion — not just until start returned."""
+    persisted: list[int] = []
+
+    async def persist(epoch: int) -> None:
+        persisted.append(epoch)
+
+    store = Started()
+    fence = Fence(store, 2, persist, name="v")
+    assert fence.can_start
+    with pytest.raises(FencedError):
+        await fence.start(write(0, b"o" * 512, 1))
+    pending = await fence.start(write(0, b"n" * 512, 2))
+    assert fence.statistics().in_flight == 1 and store.started
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fence.advance, 3)
+        await trio.testing.wait_all_tasks_blocked()
+        assert fence.epoch == 3 and persisted == []  # fenced at once, draining
+        with pytest.raises(FencedError):
+            await fence.start(write(0, b"x" * 512, 2))
+        store.finish()
+    assert pending.error is None and persisted == [3]
+    assert fence.statistics().in_flight == 0 and store.contents(0, 512) == b"n" * 512
+    fence.below = MemoryStore(MiB)
+    assert not fence.can_start
