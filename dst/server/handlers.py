@@ -1,7 +1,9 @@
-"""The server's answers to the messages that are not data: Attach (with its claim), status,
-promote, sync (replication state, split-brain resolution) and checksums (``dst verify``).
+"""The server's answers to the messages that are not data: the handshake (Hello, then
+Welcome or Goodbye), Attach (with its claim), status, promote, sync (replication state,
+split-brain resolution) and checksums (``dst verify``).
 
-Each runs in its own task, in an in-flight slot of its session, like a data request.
+After the handshake each runs in its own task, in an in-flight slot of its session, like a
+data request.
 """
 
 from __future__ import annotations
@@ -11,21 +13,27 @@ import logging
 from typing import TYPE_CHECKING
 
 import crc32c
+import trio
 
 from dst.block import Bio, Op, Segment
-from dst.errors import BlockError
+from dst.errors import BlockError, ProtocolError
 from dst.net.convert import limits_to_wire
 from dst.replication.peer import REPLICATION_NODE_SUFFIX
 from dst.server.status import status_document
 from dst.wire import (
+    PROTOCOL_VERSION,
     Attach,
     Attached,
     ChecksumRequest,
+    Goodbye,
+    Hello,
     PromoteRequest,
     Reply,
     StatusReply,
     StatusRequest,
     SyncRequest,
+    Welcome,
+    encode_frame,
     pack_checksums,
 )
 
@@ -34,6 +42,67 @@ if TYPE_CHECKING:
     from dst.server.volume import Volume
 
 log = logging.getLogger("dst.server")
+
+# A connected peer must say Hello within this time; until then it holds one socket and a
+# 256 KiB read buffer, nothing more.
+HELLO_TIMEOUT_S = 10.0
+ROLES = ("client", "bridge", "replica")
+
+
+async def handshake(session: Session) -> bool:
+    """Hello, checked, then Welcome — or a Goodbye naming the refusal (False: closed)."""
+    with trio.move_on_after(HELLO_TIMEOUT_S) as scope:
+        head = await session.framed.read_head()
+    if scope.cancelled_caught or head is None:
+        log.warning("peer=%s event=closed reason='no Hello'", session.peer)
+        return False
+    prefix, hello = head
+    if not isinstance(hello, Hello):
+        raise ProtocolError(f"expected Hello first, got {type(hello).__name__}")
+    session.conn.receive(prefix, hello)
+    session.node = hello.node_id
+    session.role = hello.role
+    refusal = _refusal(session, hello)
+    if refusal is not None:
+        code, text = refusal
+        log.warning("peer=%s node=%s event=refused reason=%r", session.peer, session.node, text)
+        await session.framed.send(encode_frame(Goodbye(errno=code, message=text)))
+        return False
+    srv = session.server
+    await session.send(
+        Welcome(
+            version=PROTOCOL_VERSION,
+            node_id=srv.node_id,
+            role="replica",
+            page_size=srv.page_size,
+            limits=limits_to_wire(srv.limits),
+            features=tuple(f for f in hello.features if f in srv.features),
+            max_inflight=srv.max_inflight,
+        )
+    )
+    log.info(
+        "peer=%s node=%s role=%s page_size=%d event=connected",
+        session.peer,
+        session.node,
+        hello.role,
+        hello.page_size,
+    )
+    return True
+
+
+def _refusal(session: Session, hello: Hello) -> tuple[int, str] | None:
+    low, high = hello.versions
+    if not low <= PROTOCOL_VERSION <= high:
+        return errno.EPROTONOSUPPORT, (
+            f"protocol versions {low}..{high} offered; this server speaks {PROTOCOL_VERSION}"
+        )
+    if hello.role not in ROLES:
+        return errno.EPERM, f"role {hello.role!r} unknown"
+    if session.tls_role is not None and hello.role != session.tls_role:
+        return errno.EPERM, (
+            f"role {hello.role!r} in Hello but the certificate says {session.tls_role!r}"
+        )
+    return None
 
 
 async def status(session: Session, msg: StatusRequest) -> None:

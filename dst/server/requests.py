@@ -1,5 +1,6 @@
-"""A server's data requests — READ, WRITE, FLUSH, TRIM, WRITE_ZEROES — as bios, run on a
-volume's stack either at once (``submit_nowait``, by the session's reader) or in a task
+"""A server's data requests — READ, WRITE, FLUSH, TRIM, WRITE_ZEROES — as bios checked at the
+edge (:func:`checked_bio`), run on a volume's stack at once (``submit_nowait``, by the
+session's reader), started (``start``, a replication primary's WRITEs) or in a task
 (``submit``), and their answers on the way out (:class:`Answer`)."""
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ import errno
 from typing import TYPE_CHECKING
 
 from dst import chaos
-from dst.block import Bio, BioFlags, BlockLayer, Op, Pending, Segment
-from dst.errors import BlockError
+from dst.block import Bio, BioFlags, BlockLayer, Op, Pending, Segment, validate_bio
+from dst.errors import BlockError, FencedError
 from dst.net.framed import Buffer
 from dst.wire import (
     FlushRequest,
@@ -22,6 +23,7 @@ from dst.wire import (
 
 if TYPE_CHECKING:
     from dst.server.pool import Pages
+    from dst.server.session import Session
     from dst.server.volume import Volume
 
 DataRequest = ReadRequest | WriteRequest | FlushRequest | TrimRequest | WriteZeroesRequest
@@ -92,6 +94,32 @@ _NOT_RECV_ACK = ~int(FrameFlags.RECV_ACK)
 
 def _bio_flags(bits: int) -> BioFlags:
     return _BIO_FLAGS[bits] if bits in _BIO_FLAGS else BioFlags(bits)
+
+
+def checked_bio(
+    session: Session, msg: DataRequest, volume: Volume | None, pages: Pages | None
+) -> Bio:
+    """The request's bio, checked at the edge: attached handle, no replayed write, an
+    owner's epoch, a valid shape — or BlockError."""
+    if volume is None:
+        raise BlockError(errno.EBADF, f"handle {msg.handle} is not attached")
+    # The Fence checks an owner's epoch; a replication peer's writes come fenced by its
+    # primary already (epoch 0 passes), and a client's 0 is just old.
+    epoch = 0
+    if isinstance(msg, WriteRequest | TrimRequest | WriteZeroesRequest):
+        if not session.replays.admit(msg.tid, msg.sub):
+            session.server.stats["replayed_writes"] += 1
+            raise BlockError(
+                errno.EALREADY,
+                f"write (tid {msg.tid}, sub {msg.sub}) was already applied on "
+                "this connection: a replay is not applied again",
+            )
+        epoch = msg.epoch if session.role != "replica" else 0
+        if session.role != "replica" and msg.epoch == 0:
+            raise FencedError(f"epoch 0 is older than volume epoch {volume.epoch}")
+    bio = bio_for(msg, pages, epoch)
+    validate_bio(bio, volume.limits, volume.size)
+    return bio
 
 
 def bio_for(msg: DataRequest, pages: Pages | None, epoch: int = 0) -> Bio:

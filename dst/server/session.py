@@ -4,8 +4,11 @@ The reader task owns the socket's receive side.  For each request it takes an in
 (a semaphore of ``max_inflight``, announced in Welcome) and, for a write, pool pages, then
 reads the data straight into those pages.  A request the volume's stack completes at once
 (``submit_nowait``: a cached read, a small write into the page cache) is done right there and
-its reply queued for the answering task, which sends every queued reply in one write; any
-other request runs in a task of its own (``dst/server/requests.py``).  Replies go out in
+its reply queued for the answering task, which sends every queued reply in one write.  On a
+replication primary a WRITE is started (``start``): its command to the peer waits in the
+session's plug until the reader would wait for anything, so the writes of one receive reach
+the peer in one send, and its completion callback queues its reply the same way.  Any other
+request runs in a task of its own (``dst/server/requests.py``).  Replies go out in
 completion order.
 When slots or pages run out the reader simply stops reading: backpressure reaches the client
 through TCP, and memory stays bounded.
@@ -26,17 +29,15 @@ from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
-from dst.block import Bio, Op, Plug, StartingLayer, validate_bio
+from dst.block import Bio, Op, Plug, StartingLayer
 from dst.errors import BlockError, FencedError, ProtocolError
 from dst.fence.replay import ReplayWindow
-from dst.net.convert import limits_to_wire
 from dst.net.framed import Buffer, FramedStream, describe
 from dst.replication.peer import REPLICATION_NODE_SUFFIX
 from dst.server import handlers
 from dst.server.pool import Pages
-from dst.server.requests import OPS, Answer, DataRequest, bio_for, complete_now, submit
+from dst.server.requests import OPS, Answer, DataRequest, checked_bio, complete_now, submit
 from dst.wire import (
-    PROTOCOL_VERSION,
     Attach,
     BadRequest,
     ChecksumRequest,
@@ -44,7 +45,6 @@ from dst.wire import (
     FlushRequest,
     FrameFlags,
     Goodbye,
-    Hello,
     Message,
     Ping,
     Pong,
@@ -54,10 +54,7 @@ from dst.wire import (
     Reply,
     StatusRequest,
     SyncRequest,
-    TrimRequest,
-    Welcome,
     WriteRequest,
-    WriteZeroesRequest,
     check_data,
     encode_frame,
 )
@@ -68,12 +65,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dst.server")
 
-# A connected peer must say Hello within this time; until then it holds one socket and a
-# 256 KiB read buffer, nothing more.
-HELLO_TIMEOUT_S = 10.0
 # A reader on its way out sends what its plug holds, for this long at most.
 PLUG_FLUSH_TIMEOUT_S = 5.0
-ROLES = ("client", "bridge", "replica")
 
 
 class Session:
@@ -119,7 +112,7 @@ class Session:
         reason = ""
         level = logging.WARNING
         try:
-            if not await self._handshake():
+            if not await handlers.handshake(self):
                 return
             # A primary's replication link, as opposed to other replica-role sessions
             # (dst verify, an operator with a replica certificate).
@@ -158,59 +151,6 @@ class Session:
             log.log(level, "peer=%s node=%s event=closed reason=%r", self.peer, self.node, reason)
         else:
             log.info("peer=%s node=%s event=closed", self.peer, self.node)
-
-    async def _handshake(self) -> bool:
-        with trio.move_on_after(HELLO_TIMEOUT_S) as scope:
-            head = await self.framed.read_head()
-        if scope.cancelled_caught or head is None:
-            log.warning("peer=%s event=closed reason='no Hello'", self.peer)
-            return False
-        prefix, hello = head
-        if not isinstance(hello, Hello):
-            raise ProtocolError(f"expected Hello first, got {type(hello).__name__}")
-        self.conn.receive(prefix, hello)
-        self.node = hello.node_id
-        self.role = hello.role
-        refusal = self._refusal(hello)
-        if refusal is not None:
-            code, text = refusal
-            log.warning("peer=%s node=%s event=refused reason=%r", self.peer, self.node, text)
-            await self.framed.send(encode_frame(Goodbye(errno=code, message=text)))
-            return False
-        srv = self.server
-        await self.send(
-            Welcome(
-                version=PROTOCOL_VERSION,
-                node_id=srv.node_id,
-                role="replica",
-                page_size=srv.page_size,
-                limits=limits_to_wire(srv.limits),
-                features=tuple(f for f in hello.features if f in srv.features),
-                max_inflight=srv.max_inflight,
-            )
-        )
-        log.info(
-            "peer=%s node=%s role=%s page_size=%d event=connected",
-            self.peer,
-            self.node,
-            hello.role,
-            hello.page_size,
-        )
-        return True
-
-    def _refusal(self, hello: Hello) -> tuple[int, str] | None:
-        low, high = hello.versions
-        if not low <= PROTOCOL_VERSION <= high:
-            return errno.EPROTONOSUPPORT, (
-                f"protocol versions {low}..{high} offered; this server speaks {PROTOCOL_VERSION}"
-            )
-        if hello.role not in ROLES:
-            return errno.EPERM, f"role {hello.role!r} unknown"
-        if self.tls_role is not None and hello.role != self.tls_role:
-            return errno.EPERM, (
-                f"role {hello.role!r} in Hello but the certificate says {self.tls_role!r}"
-            )
-        return None
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         try:
@@ -307,12 +247,12 @@ class Session:
                 volume = self.handles.get(msg.handle)
                 answer = Answer(msg, volume, pages, self.server.io.begin())
                 try:
-                    bio = self._bio(msg, volume, pages)
+                    bio = checked_bio(self, msg, volume, pages)
                     assert volume is not None
                     layer = volume.layer
                     if complete_now(layer, bio):
                         self.server.stats["completed_inline"] += 1
-                        answer.parts, answer.ok = self._success(msg, bio, pages), True
+                        self._answered(answer, bio, None)
                     elif bio.op is Op.WRITE and getattr(layer, "can_start", False):
                         await self._start(cast(StartingLayer, layer), answer, bio)
                         continue
@@ -321,7 +261,7 @@ class Session:
                         nursery.start_soon(self._in_slot, self._run_request, answer, bio)
                         continue
                 except BlockError as exc:
-                    answer.parts = self._failure(msg, volume, exc)
+                    self._answered(answer, None, exc)
                 self._answers.append(answer)
                 self._answer_wake.set()
             elif isinstance(msg, Goodbye):
@@ -358,29 +298,6 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
-    def _bio(self, msg: DataRequest, volume: Volume | None, pages: Pages | None) -> Bio:
-        """The request's bio, checked at the edge: attached handle, no replayed write, an
-        owner's epoch, a valid shape — or BlockError."""
-        if volume is None:
-            raise BlockError(errno.EBADF, f"handle {msg.handle} is not attached")
-        # The Fence checks an owner's epoch; a replication peer's writes come fenced by its
-        # primary already (epoch 0 passes), and a client's 0 is just old.
-        epoch = 0
-        if isinstance(msg, WriteRequest | TrimRequest | WriteZeroesRequest):
-            if not self.replays.admit(msg.tid, msg.sub):
-                self.server.stats["replayed_writes"] += 1
-                raise BlockError(
-                    errno.EALREADY,
-                    f"write (tid {msg.tid}, sub {msg.sub}) was already applied on "
-                    "this connection: a replay is not applied again",
-                )
-            epoch = msg.epoch if self.role != "replica" else 0
-            if self.role != "replica" and msg.epoch == 0:
-                raise FencedError(f"epoch 0 is older than volume epoch {volume.epoch}")
-        bio = bio_for(msg, pages, epoch)
-        validate_bio(bio, volume.limits, volume.size)
-        return bio
-
     async def _start(self, layer: StartingLayer, answer: Answer, bio: Bio) -> None:
         """Start a WRITE on a layer that can (a replication primary's); its callback queues
         it for the answering task."""
@@ -401,52 +318,54 @@ class Session:
 
     async def _run_request(self, answer: Answer, bio: Bio) -> None:
         """A request the volume could not complete at once: submit it, then answer."""
-        msg, volume, pages = answer.msg, answer.volume, answer.pages
-        assert volume is not None
+        assert answer.volume is not None
         try:
+            error = None
             try:
-                await submit(volume.layer, bio)
-                answer.parts, answer.ok = self._success(msg, bio, pages), True
+                await submit(answer.volume.layer, bio)
             except BlockError as exc:
-                answer.parts = self._failure(msg, volume, exc)
+                error = exc
+            self._answered(answer, bio, error)
             await self._send_replies(answer.parts)
         finally:
             self._retire(answer)
 
-    def _success(self, msg: DataRequest, bio: Bio, pages: Pages | None) -> list[Buffer]:
-        """Count a completed request; its reply frame (a READ's with the data)."""
-        stats, op = self.server.stats, bio.op.name.lower()
-        stats[op] += 1
-        stats["bytes_" + op] += bio.length
-        reply = Reply(tid=msg.tid, sub=msg.sub, errno=0, message="")
-        self.conn.send(reply)
-        if pages is not None and bio.op is Op.READ:
-            return [encode_frame(reply, pages.views), *pages.views]
-        return [encode_frame(reply)]
-
-    def _failure(self, msg: DataRequest, volume: Volume | None, exc: BlockError) -> list[Buffer]:
-        """Count and log a failed request; its error reply frame."""
-        stats = self.server.stats
-        if isinstance(exc, FencedError):
+    def _answered(self, answer: Answer, bio: Bio | None, error: BlockError | None) -> None:
+        """Count the request (and log a failure); make its reply frame (a READ's with the
+        data)."""
+        msg, stats = answer.msg, self.server.stats
+        if error is None:
+            assert bio is not None
+            op = bio.op.name.lower()
+            stats[op] += 1
+            stats["bytes_" + op] += bio.length
+            reply = Reply(tid=msg.tid, sub=msg.sub, errno=0, message="")
+            self.conn.send(reply)
+            pages, answer.ok = answer.pages, True
+            if pages is not None and bio.op is Op.READ:
+                answer.parts = [encode_frame(reply, pages.views), *pages.views]
+            else:
+                answer.parts = [encode_frame(reply)]
+            return
+        if isinstance(error, FencedError):
             stats["stale_writes"] += 1
         stats["errors"] += 1
         # A stale epoch is the fence doing its job (INFO); anything else is news.
-        level = logging.INFO if exc.errno == errno.ESTALE else logging.WARNING
         log.log(
-            level,
+            logging.INFO if error.errno == errno.ESTALE else logging.WARNING,
             "peer=%s node=%s volume=%s tid=%d sub=%d op=%s event=request_failed errno=%d reason=%r",
             self.peer,
             self.node,
-            volume.name if volume is not None else "-",
+            answer.volume.name if answer.volume is not None else "-",
             msg.tid,
             msg.sub,
             OPS[type(msg)].name.lower(),
-            exc.errno,
-            str(exc),
+            error.errno,
+            str(error),
         )
-        reply = Reply(tid=msg.tid, sub=msg.sub, errno=exc.errno, message=exc.message)
+        reply = Reply(tid=msg.tid, sub=msg.sub, errno=error.errno, message=error.message)
         self.conn.send(reply)
-        return [encode_frame(reply)]
+        answer.parts = [encode_frame(reply)]
 
     async def _answer(self) -> None:
         """Send the replies of the requests the reader completed, all those queued at once in
@@ -460,13 +379,7 @@ class Session:
             parts: list[Buffer] = []
             for answer in batch:
                 if answer.pending is not None:  # started: its reply is made now
-                    msg, error = answer.msg, answer.pending.error
-                    if error is None:
-                        assert answer.bio is not None
-                        answer.parts = self._success(msg, answer.bio, answer.pages)
-                        answer.ok = True
-                    else:
-                        answer.parts = self._failure(msg, answer.volume, error)
+                    self._answered(answer, answer.bio, answer.pending.error)
                 parts += answer.parts
             self._answering = len(batch) - 1
             try:
