@@ -53,9 +53,8 @@ class RemoteConfig:
     # ENOTCONN (the replication layer records them in its dirty bitmap) instead of waiting
     # for a reconnect; reconnecting goes on in the background.
     resend: bool = True
-    # Limits of the caller's own, stacked on the client's and the server's: the replication
-    # link's 32 KiB boundary (dst/replication/peer.py), so a bio becomes one transaction of
-    # commands that none crosses it.
+    # Limits of the caller's own, stacked on the client's and the server's (a boundary, say),
+    # so that a bio becomes one transaction of commands none of which crosses them.
     limits: Limits | None = None
     # Other servers that hold the volume (a replicated pair): the client attaches wherever
     # the volume is primary — a secondary refuses the attach with EROFS — and after a

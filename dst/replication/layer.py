@@ -8,12 +8,13 @@
 Protocol C (DRBD's): a write is acknowledged when both the local store and the peer have
 completed it; FLUSH and FUA complete when they are stable on both.  Reads are served locally.
 
-**32 KiB segmentation.**  The peer link's own limits carry ``boundary = 32 KiB``
-(``dst/replication/peer.py``), so the generic splitter cuts every bio sent to the peer into
-commands none of which crosses a 32 KiB multiple, whatever its shape (seed 000) — one
-transaction, pipelined.  This layer takes any bio the local store takes, and that is what it
-advertises upward: the boundary stays at the peer link, where DRBD has it, instead of cutting
-a client's 1 MiB write into 32 requests on every hop above it.
+**Segmentation.**  The peer link's limits are what the secondary's volume advertises (max
+bytes, and a boundary if its store has one: ``dst/replication/peer.py``), so the generic
+splitter cuts every bio sent to the peer into commands that fit, whatever its shape (seed
+000) — one transaction, pipelined.  This layer takes any bio the local store takes, and that
+is what it advertises upward: the peer's limits stay at the peer link instead of cutting a
+client's write on every hop above it.  (Older DRBD cut every request at 32 KiB; dst did too
+until a 1 MiB write cost the secondary 32 requests, three times its CPU per byte.)
 
 **Write ordering.**  Overlapping writes must land in the same order on both replicas.  A write
 waits until no in-flight write overlaps its range before it is issued to both sides (DRBD's
@@ -128,10 +129,10 @@ class Replicated:
 
     @property
     def limits(self) -> Limits:
-        # What this layer takes: what the local store takes.  The 32 KiB boundary is this
-        # layer's own business — it splits every bio it sends to the peer — so it is not
-        # pushed onto the layers above (which would cut a 1 MiB write into 32 requests on
-        # every hop before it got here).
+        # What this layer takes: what the local store takes.  The peer's limits are this
+        # layer's own business — its link splits every bio it sends there — so they are not
+        # pushed onto the layers above (a peer's boundary would cut a client's write into
+        # pieces on every hop before it got here).
         return self.local.limits
 
     @property

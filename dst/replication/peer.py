@@ -5,19 +5,20 @@ the peer cannot take *now* is recorded in the dirty bitmap and acknowledged on t
 alone (degraded mode), and the resync brings the peer up to date when it is back.  So the link
 is made with ``resend=False`` (pending commands fail with ENOTCONN the moment the link breaks)
 and a short keepalive, and it keeps reconnecting in the background forever.
+
+What one request to the peer may be is what the secondary's volume advertises when the link
+attaches (its limits in Attached: max bytes, a boundary if its store has one), stacked as
+Linux stacks limits — DRBD 8.4 and later agree a maximum request size with the peer the same
+way (``DRBD_MAX_BIO_SIZE``, 1 MiB), where older DRBD cut every request at 32 KiB (the most
+its old packet header could carry).
 """
 
 from __future__ import annotations
 
-from dst.block import Limits
 from dst.client.remote import RemoteConfig, RemoteVolume
 from dst.net.endpoints import Address
 from dst.security.tls import TlsConfig
 
-#: DRBD's segmentation boundary: no request to the peer crosses a multiple of it (seed 000).
-#: The link's own limits carry it, so the generic splitter cuts every bio sent to the peer —
-#: one transaction of commands, pipelined — whatever its shape.
-REPLICATION_BOUNDARY = 32 * 1024
 #: A silent peer is declared gone after this long; writes meanwhile wait, so keep it short.
 PEER_DEAD_AFTER_S = 3.0
 PEER_KEEPALIVE_S = 0.5
@@ -43,6 +44,5 @@ def open_peer(address: Address, volume: str, tls: TlsConfig | None, node_id: str
         dead_after_s=PEER_DEAD_AFTER_S,
         resend=False,
         request_timeout_s=PEER_REQUEST_TIMEOUT_S,
-        limits=Limits(boundary=REPLICATION_BOUNDARY),
     )
     return RemoteVolume(config)

@@ -1,6 +1,7 @@
 """Synchronous replication (protocol C) between two servers: writes land on both data files,
-nothing sent to the peer crosses 32 KiB, a secondary killed under load is resynced with only
-the extents written while it was away, and the two files end byte for byte identical."""
+nothing sent to the peer crosses the 32 KiB boundary its store advertises, a secondary
+killed under load is resynced with only the extents written while it was away, and the two
+files end byte for byte identical."""
 
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ async def test_writes_land_on_both_and_no_peer_request_crosses_32k(tmp_path: Pat
         role="secondary",
         node_id="secondary",
     ) as secondary:
-        # Seed 000: the secondary's store refuses (EINVAL) any bio crossing a 32 KiB multiple.
+        # Seed 000: the secondary's store refuses (EINVAL) any bio crossing a 32 KiB multiple,
+        # and advertises that boundary when the primary's link attaches.
         strict = MemoryStore(64 * MiB, Limits(boundary=32768), strict=True)
         secondary.volumes["vol0"].layer = strict
         assert secondary.listen_address is not None
@@ -91,6 +93,7 @@ async def test_writes_land_on_both_and_no_peer_request_crosses_32k(tmp_path: Pat
             assert replicated is not None
             with trio.fail_after(10):
                 await replicated.peer.wait_connected()
+            assert replicated.peer.limits.boundary == 32768  # stacked from the Attached limits
             assert primary.listen_address is not None
             async with open_remote(primary.listen_address, "vol0") as vol:
                 # The primary takes any shape and splits for its peer itself: clients send
@@ -120,6 +123,21 @@ async def test_writes_land_on_both_and_no_peer_request_crosses_32k(tmp_path: Pat
                 assert strict.contents() == primary_file
                 for off, data in written[-5:]:
                     assert primary_file[off : off + len(data)] == data
+
+
+async def test_a_1m_write_reaches_a_file_secondary_as_one_request(tmp_path: Path) -> None:
+    """Without a boundary on the secondary, the link sends what the secondary takes: a 1 MiB
+    write is one request there (with the fixed 32 KiB cut of older DRBD it was 32)."""
+    data = random.Random(3).randbytes(MiB)
+    async with running_pair(tmp_path) as (primary, secondary, p_addr, _):
+        rep = primary.volumes["vol0"].replicated
+        assert rep is not None and rep.peer.limits.boundary == 0
+        async with open_remote(p_addr, "vol0") as vol:
+            await vol.submit(Bio.from_buffer(Op.WRITE, 3 * MiB, data))
+        assert secondary.stats["write"] == 1 and secondary.stats["bytes_write"] == MiB
+        with open(tmp_path / "secondary" / "vol0.img", "rb") as f:
+            f.seek(3 * MiB)
+            assert f.read(MiB) == data
 
 
 async def test_clients_cannot_write_to_a_secondary(tmp_path: Path) -> None:
