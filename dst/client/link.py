@@ -144,6 +144,8 @@ class Link:
 
     async def _read_loop(self) -> None:
         while True:
+            if self.framed.pass_done():  # the replies so far go on (dst.net.stream)
+                await trio.lowlevel.checkpoint()
             head = await self.framed.read_head()
             if head is None:
                 self.broken("server closed the connection")

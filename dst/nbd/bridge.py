@@ -230,6 +230,9 @@ class _Connection:
         while True:
             if plug and wire.buffered < p.REQUEST.size:
                 await plug.flush()  # the next header needs a receive, which may wait
+            elif wire.pass_done():  # hand on what this pass read (dst.net.stream)
+                await plug.flush()
+                await trio.lowlevel.checkpoint()
             req = await wire.read_header()
             if req is None or req.command == Command.DISC:
                 return "eof" if req is None else "disc"

@@ -25,6 +25,13 @@ how much one peer can make us do in between (in-flight slots).  Over TLS
 (``trio.SSLStream``) there is no ``readv``/``writev``: the same interface falls back to
 ``receive_some``/``send_all``, one copy each way (TLS copies anyway).
 
+A reader that finds many messages buffered ends its pass after :data:`PASS_MESSAGES` of
+them (:meth:`ByteStream.pass_done`): it hands on what it started and lets its process's other
+tasks run before reading on.  Otherwise a queue depth of 32 crosses every hop as one convoy —
+each process works through all 32 while the next one idles, one core busy of two — where
+passes of 8 keep the hops working at once, as a pipeline (measured: ``dst`` 4 KiB random
+writes at depth 32, 8,941-9,325 -> 14,760-14,800 IOPS, no more CPU per request).
+
 Transport errors are translated once, here: a peer that hangs up or resets becomes
 ``trio.BrokenResourceError``; a stream that ends in the middle of a message raises
 ``RemoteProtocolError`` naming what was cut.
@@ -47,6 +54,10 @@ Buffer = bytes | bytearray | memoryview
 READ_BUFFER_SIZE = 24 + 64 * 1024 + 192 * 1024
 #: Linux refuses writev/readv (and sendmsg/recvmsg) with more than IOV_MAX buffers.
 IOV_MAX = 1024
+#: Messages a reader handles in one pass while more are buffered (module docstring): Linux's
+#: blk_plug flushes at 32 requests; 8 measured best here (4: more passes than it saves, 16:
+#: convoys again).
+PASS_MESSAGES = 8
 #: Bytes discarded per read when skipping a refused payload.
 SKIP_CHUNK = 256 * 1024
 
@@ -76,6 +87,7 @@ class ByteStream:
         self._send_failed: str = ""  # set once a send failed or was interrupted
         self.bytes_received = 0
         self.bytes_sent = 0
+        self._pass = 0  # messages read in the current pass (pass_done)
         #: Set by the owner: how many requests it has in flight, the message being sent
         #: included.  Above one, a flusher gathers the others' messages for one more pass.
         self.in_flight: Callable[[], int] = _nothing_in_flight
@@ -85,6 +97,7 @@ class ByteStream:
             if self._sock is not None:
                 n = await self._readv(views[:IOV_MAX])
             else:
+                self._pass = 1  # receive_some always yields: a new pass
                 chunk = await self.stream.receive_some(len(views[0]))
                 n = len(chunk)
                 views[0][:n] = chunk
@@ -102,6 +115,7 @@ class ByteStream:
             try:
                 return os.readv(fd, views)
             except BlockingIOError:
+                self._pass = 1  # the reader waits: the message it reads opens a new pass
                 await trio.lowlevel.wait_readable(self._sock)
 
     async def _writev(self, bufs: Sequence[Buffer]) -> int:
@@ -122,6 +136,16 @@ class ByteStream:
                 if exc.errno == errno.EBADF:
                     raise trio.ClosedResourceError("the stream was closed") from exc
                 raise
+
+    def pass_done(self) -> bool:
+        """Call before each message is read: True once :data:`PASS_MESSAGES` were read since
+        the reader last waited for a receive, and the next has begun to arrive — the reader
+        should hand on what it started and checkpoint."""
+        if self._pass < PASS_MESSAGES or self._end == self._start:
+            self._pass += 1
+            return False
+        self._pass = 1  # the one about to be read opens the next pass
+        return True
 
     @property
     def buffered(self) -> int:

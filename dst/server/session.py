@@ -170,6 +170,9 @@ class Session:
         while True:
             if self._plug and not self.framed.head_buffered:
                 await self._plug.flush()  # the next head needs a receive, which may wait
+            elif self.framed.pass_done():  # hand on what this pass read (dst.net.stream)
+                await unplug()
+                await trio.lowlevel.checkpoint()
             head = await self.framed.read_head()
             if head is None:
                 return

@@ -23,6 +23,7 @@ from dst.nbd.bridge import NbdExport
 from dst.nbd.protocol import Command
 from dst.nbd.transmission import Request
 from dst.net.framed import Buffer
+from dst.net.stream import PASS_MESSAGES
 from dst.wire import Message
 from tests.integration.harness import running_server
 from tests.integration.starting import Starting
@@ -119,11 +120,13 @@ except nbd.Error as e:
     assert tasks_counted == [Command.FLUSH]  # every READ and WRITE was started
 
 
-async def test_a_burst_of_requests_leaves_for_the_server_in_one_send(
+async def test_a_burst_of_requests_leaves_for_the_server_in_passes_of_eight(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The reader starts the requests of one receive under its plug and flushes it before it
-    # waits for the next: the server gets them in one gathered write, not a send each.
+    # waits for the next, and after every PASS_MESSAGES (8) while more are buffered: the
+    # server gets them in gathered writes of 8 — not a send each, and not one convoy of all
+    # 16 that it could only start on once the bridge had read the last.
     batches: list[int] = []
     send_many = Link.send_many
 
@@ -159,4 +162,4 @@ async def test_a_burst_of_requests_leaves_for_the_server_in_one_send(
                     assert error == 0
                     got[handle - 100] = await client.recv(512)
     assert [got[n] for n in range(16)] == payloads
-    assert batches == [16, 16]
+    assert PASS_MESSAGES == 8 and batches == [8, 8, 8, 8]

@@ -78,7 +78,9 @@ async def test_a_burst_of_writes_is_started_and_leaves_for_the_peer_together(
             sends = count_peer_sends(rep)
             await burst(vol, [(i * 4 * KiB, b, BioFlags(0)) for i, b in enumerate(data)])
             assert rep.writes_started - before == 32
-            assert sum(sends) == 32 and len(sends) <= 4, sends
+            # in passes of up to 8 (dst.net.stream), cut short where a payload was still on its
+            # way: a handful of sends, where a send per write would be 32
+            assert sum(sends) == 32 and len(sends) <= 8, sends
             assert len(rep._locks) == 0
         assert secondary.stats["write"] == 33
         assert image(tmp_path / "secondary", 128 * KiB) == b"".join(data)
