@@ -4,34 +4,12 @@ has, around the test layers that gate, slow or fail bios."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import trio
 
-from dst.block import Bio, BlockLayer, Limits, Plug
+from dst.block import Bio, BlockLayer, Completion, Limits, Plug
 from dst.errors import BlockError
 
 __all__ = ["Starting"]
-
-
-class _Done:
-    """A Pending: the outcome of one started bio."""
-
-    def __init__(self) -> None:
-        self.error: BlockError | None = None
-        self.finished = False
-        self.callbacks: list[Callable[[], None]] = []
-
-    def then(self, callback: Callable[[], None]) -> None:
-        if self.finished:
-            callback()
-        else:
-            self.callbacks.append(callback)
-
-    def finish(self) -> None:
-        self.finished = True
-        for callback in self.callbacks:
-            callback()
 
 
 class Starting:
@@ -53,15 +31,16 @@ class Starting:
     async def submit(self, bio: Bio) -> None:
         await self.below.submit(bio)
 
-    async def start(self, bio: Bio, plug: Plug | None = None) -> _Done:
-        done = _Done()
+    async def start(self, bio: Bio, plug: Plug | None = None) -> Completion:
+        done = Completion()
 
         async def run() -> None:
+            error = None
             try:
                 await self.below.submit(bio)
             except BlockError as exc:
-                done.error = exc
-            done.finish()
+                error = exc
+            done.finish(error)
 
         self.nursery.start_soon(run)
         return done
