@@ -254,8 +254,9 @@ class RemoteVolume:
     # -- sending ---------------------------------------------------------------------------
 
     async def _send_batch(self, cmds: list[Command]) -> None:
-        """Send new commands in one gathered write on the current link (a 1 MiB write to a
-        replication peer is 32 of them); without a link, one by one as :meth:`_send` does."""
+        """Send new commands in one gathered write on the current link (a 1 MiB write split at
+        a server's 32 KiB boundary is 32 of them); without a link, one by one as
+        :meth:`_send` does."""
         link = self._link
         if len(cmds) <= 1 or link is None:
             for cmd in cmds:

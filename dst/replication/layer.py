@@ -148,7 +148,7 @@ class Replicated:
         if bio.op is Op.FLUSH:
             await self._flush(bio)
             return
-        pieces = split(bio, self.local.limits)  # the peer link splits at 32 KiB itself
+        pieces = split(bio, self.local.limits)  # the peer link splits to the peer itself
         if len(pieces) == 1:  # the common case: no nursery, no task
             await self._write(pieces[0])
             return
