@@ -48,6 +48,13 @@ def _page_size(text: str) -> int:
     return size
 
 
+def _boundary(text: str) -> int:
+    size = _size(text)
+    if size % 512:
+        raise argparse.ArgumentTypeError(f"--boundary {text!r}: a multiple of 512 bytes (0: none)")
+    return size
+
+
 def _resync_rate(text: str) -> int:
     rate = _size(text)
     if rate < 4096:
@@ -126,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_BYTES,
         metavar="BYTES",
         help="largest request taken in one frame",
+    )
+    p.add_argument(
+        "--boundary",
+        type=_boundary,
+        default=0,
+        metavar="BYTES",
+        help="no request may cross a multiple of this (a RAID chunk, older DRBD's 32K): "
+        "clients and a replication primary split to it; 0, the default, for none",
     )
     p.add_argument("--max-inflight", type=int, default=DEFAULT_MAX_INFLIGHT, metavar="N")
     p.add_argument("--node-id", default="", help="name in logs and handshakes")
@@ -364,6 +379,7 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         tls=tls,
         page_size=args.page_size,
         max_bytes=args.max_bytes,
+        boundary=args.boundary,
         max_inflight=args.max_inflight,
         node_id=args.node_id,
         peer=parse_address(args.peer) if args.peer else None,

@@ -53,6 +53,8 @@ class ServerConfig:
     tls: TlsConfig | None = None
     page_size: int = 4096
     max_bytes: int = DEFAULT_MAX_BYTES
+    #: No request crosses a multiple of this (0: none); advertised with the limits.
+    boundary: int = 0
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     pool_bytes: int = DEFAULT_POOL_BYTES
     node_id: str = ""
@@ -73,7 +75,10 @@ class Server:
         self.node_id = config.node_id or f"{socket.gethostname()}:{config.listen.port}"
         self.page_size = config.page_size
         self.limits = Limits(
-            logical_block_size=512, page_size=config.page_size, max_bytes=config.max_bytes
+            logical_block_size=512,
+            page_size=config.page_size,
+            max_bytes=config.max_bytes,
+            boundary=config.boundary,
         ).validate()
         self.max_inflight = config.max_inflight
         self.features = FEATURES

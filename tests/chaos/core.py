@@ -23,6 +23,11 @@ from tests.chaos.proxy import FaultProxy
 from tests.chaos.schedules import Fault, Schedule
 from tests.integration.harness import DstProcess, ServerProcess
 
+#: Every chaos server's store declares older DRBD's 32 KiB boundary, so a write that straddles
+#: it is a transaction of several commands on every link (client -> primary -> secondary, and
+#: the mirror bridge's legs): a kill or a fault can land between them.
+SERVER_ARGS = ("--boundary", "32K")
+
 
 @dataclass
 class Report:
@@ -159,7 +164,7 @@ class RunCore:
         back = ServerProcess(
             old.data_dir, old.address.port, "vol0=64M",
             self.dir / f"rejoin-{len(self.servers)}.log",
-            "--peer", str(self.secondary.address), "--role", "secondary",
+            "--peer", str(self.secondary.address), "--role", "secondary", *SERVER_ARGS,
         )  # fmt: skip
         self.servers.append(back)
         self.primary, self.secondary = self.secondary, back

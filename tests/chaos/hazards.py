@@ -15,7 +15,7 @@ from dst.admin import promote, resolve
 from dst.errors import BlockError
 from dst.net.endpoints import Address
 from tests.chaos.checker import Discard, Fence
-from tests.chaos.core import Report, RunCore
+from tests.chaos.core import SERVER_ARGS, Report, RunCore
 from tests.chaos.proxy import FaultProxy
 from tests.chaos.schedules import Fault
 from tests.integration.harness import DstProcess, ServerProcess, bridge_process, free_port
@@ -102,7 +102,9 @@ class Hazards(RunCore):
         both legs' files once B is back in sync."""
         began = time.monotonic()
         self.primary, self.secondary = (
-            ServerProcess(self.dir / n, free_port(), "vol0=64M", self.dir / f"{n}.log")
+            ServerProcess(
+                self.dir / n, free_port(), "vol0=64M", self.dir / f"{n}.log", *SERVER_ARGS
+            )
             for n in ("leg-a", "leg-b")
         )
         self.servers = [self.primary, self.secondary]

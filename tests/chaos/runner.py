@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from dst.block.faults import FAULTS_ENV, power_loss, write_spec
-from tests.chaos.core import Report
+from tests.chaos.core import SERVER_ARGS, Report
 from tests.chaos.hazards import Hazards
 from tests.chaos.schedules import CRASH_SIDE, Fault, Schedule
 from tests.integration.harness import ServerProcess, bridge_process, pair_processes, wait_in_sync
@@ -146,7 +146,7 @@ class Run(Hazards):
         if self.s.target == "leg":
             return await self.run_mirror()
         began = time.monotonic()
-        with pair_processes(self.dir) as (primary, secondary):
+        with pair_processes(self.dir, "vol0=64M", *SERVER_ARGS) as (primary, secondary):
             self.primary, self.secondary = primary, secondary
             self.servers = [primary, secondary]
             try:

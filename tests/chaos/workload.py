@@ -5,9 +5,10 @@ flushes, at queue depth > 1, every operation logged to a history (tests/chaos/hi
         --writer 1 --seed 7 --history h1.jsonl --duration 10 [--ops N] [--depth 4]
 
 Writes are 1..64 sectors inside ``--region`` bytes at the volume's start, so they overlap
-often; one in four is placed across a 32 KiB boundary (the replication extent and the
-splitter's cut).  A write's sectors carry (writer, seq = history id, epoch), so every sector
-read back names the write it came from.  The dst:// target lists one or two servers: the
+often; one in four is placed across a 32 KiB boundary (the one the chaos servers declare,
+tests/chaos/core.py: the splitter cuts such a write into two commands).  A write's sectors
+carry (writer, seq = history id, epoch), so every sector read back names the write it came
+from.  The dst:// target lists one or two servers: the
 client follows the primary after a failover.  The nbd://HOST:PORT/EXPORT target goes through
 a dst bridge with tests/chaos/nbdclient.py; requests the bridge's death left unanswered stay
 unknown in the history, and the client reconnects.

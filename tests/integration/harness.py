@@ -136,9 +136,10 @@ def server_process(tmp_path: Path, volume: str = "vol0=64M") -> Iterator[ServerP
 
 @contextmanager
 def pair_processes(
-    tmp_path: Path, volume: str = "vol0=64M"
+    tmp_path: Path, volume: str = "vol0=64M", *extra: str
 ) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    """A replicated pair (primary, secondary) of `dst serve` processes, not yet started."""
+    """A replicated pair (primary, secondary) of `dst serve` processes, not yet started;
+    ``extra`` goes on both command lines."""
     pport, sport = free_port(), free_port()
     secondary = ServerProcess(
         tmp_path / "secondary",
@@ -149,6 +150,7 @@ def pair_processes(
         f"127.0.0.1:{pport}",
         "--role",
         "secondary",
+        *extra,
     )
     primary = ServerProcess(
         tmp_path / "primary",
@@ -159,6 +161,7 @@ def pair_processes(
         f"127.0.0.1:{sport}",
         "--role",
         "primary",
+        *extra,
     )
     try:
         yield primary, secondary

@@ -73,6 +73,21 @@ def test_help(args: list[str]) -> None:
             ],
             "3000",
         ),
+        (
+            [
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+                "d",
+                "--volume",
+                "v=1M",
+                "--boundary",
+                "1000",
+                "--insecure",
+            ],
+            "--boundary '1000'",
+        ),
     ],
 )
 def test_bad_flags_exit_2_naming_the_value(tmp_path: Path, args: list[str], needle: str) -> None:

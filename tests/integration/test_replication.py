@@ -501,3 +501,23 @@ async def test_the_peer_is_up_to_date_only_once_it_adopted_the_resync_s_end(
             assert peer_doc["generations"] == doc["generations"]
             assert not peer_doc["generations"]["inconsistent"]
     assert same_files(tmp_path / "primary" / "vol0.img", tmp_path / "secondary" / "vol0.img")
+
+
+async def test_a_declared_boundary_reaches_clients_and_the_peer_link(tmp_path: Path) -> None:
+    """`dst serve --boundary 32K` on both servers of a pair (the chaos lab's setting): a
+    client and the primary's link both stack it, and a write across it lands whole on both
+    sides in pieces that do not cross it."""
+    data = random.Random(4).randbytes(64 * 1024)
+    with pair_processes(tmp_path, "vol0=64M", "--boundary", "32K") as (primary, secondary):
+        secondary.start()
+        primary.start()
+        async with open_remote([primary.address, secondary.address], "vol0") as vol:
+            assert vol.limits.boundary == 32768
+            await vol.submit(Bio.from_buffer(Op.WRITE, 16 * 1024, data))  # crosses 32K, 64K
+            assert vol.stats.commands == 3  # 16K + 32K + 16K
+            await vol.submit(Bio(Op.FLUSH, 0, 0))
+        await wait_in_sync(primary.address)
+    assert same_files(tmp_path / "primary" / "vol0.img", tmp_path / "secondary" / "vol0.img")
+    with open(tmp_path / "secondary" / "vol0.img", "rb") as f:
+        f.seek(16 * 1024)
+        assert f.read(len(data)) == data
