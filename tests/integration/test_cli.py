@@ -32,6 +32,10 @@ def test_help(args: list[str]) -> None:
     assert "usage:" in out.stdout
 
 
+#: A serve command line that is valid so far.
+SERVE = ["serve", "--listen", "127.0.0.1:0", "--data", "d", "--volume", "v=1M"]
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -58,36 +62,8 @@ def test_help(args: list[str]) -> None:
             ["serve", "--listen", "127.0.0.1:0", "--data", "d", "--volume", "v=1X", "--insecure"],
             "'1X'",
         ),
-        (
-            [
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--data",
-                "d",
-                "--volume",
-                "v=1M",
-                "--page-size",
-                "3000",
-                "--insecure",
-            ],
-            "3000",
-        ),
-        (
-            [
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--data",
-                "d",
-                "--volume",
-                "v=1M",
-                "--boundary",
-                "1000",
-                "--insecure",
-            ],
-            "--boundary '1000'",
-        ),
+        ([*SERVE, "--page-size", "3000", "--insecure"], "3000"),
+        ([*SERVE, "--boundary", "1000", "--insecure"], "--boundary '1000'"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_value(tmp_path: Path, args: list[str], needle: str) -> None:
