@@ -130,9 +130,9 @@ class StartingLayer(BlockLayer, Protocol):
         ...
 
     async def start(self, bio: Bio, plug: Plug | None = None) -> Pending:
-        """Send ``bio`` (valid, and not FAILFAST) on its way or raise BlockError; the bio's
-        buffers belong to the layer until the Pending's callbacks run.  With ``plug``, the
-        layer may hold the bio back until ``plug.flush()``."""
+        """Send ``bio`` (valid) on its way or raise BlockError; the bio's buffers belong to
+        the layer until the Pending's callbacks run.  With ``plug``, the layer may hold the
+        bio back until ``plug.flush()``."""
         ...
 
 

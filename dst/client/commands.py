@@ -106,9 +106,19 @@ class Transaction:
             self.error = error
         self.remaining -= 1
         if self.remaining == 0:
-            self.done.set()
-            for callback in self.callbacks or ():
-                callback()
+            self._finished()
+
+    def fail(self, error: BlockError) -> None:
+        """Complete now with ``error``: the transaction was abandoned (a FAILFAST deadline or
+        trip) and its commands taken out of the pending table, so no reply finishes it."""
+        if not self.done.is_set():
+            self.error, self.remaining = error, 0
+            self._finished()
+
+    def _finished(self) -> None:
+        self.done.set()
+        for callback in self.callbacks or ():
+            callback()
 
     def reached(self, cmd: Command) -> None:
         """``cmd`` reached the early stage (or completed)."""

@@ -5,6 +5,13 @@ FAILFAST failure *trips* it: every armed scope is cancelled at once, so all FAIL
 pending on the volume fail back together with the first one's error, and :attr:`error` stays
 set — new FAILFAST bios fail at once — until the volume hears from its server again.
 
+A FAILFAST bio *started* (``RemoteVolume.start``: a callback, no task waiting in a scope) is
+watched instead: :meth:`Tripwire.watch` queues its transaction with its deadline, and
+:meth:`Tripwire.watch_deadlines` — one task per volume — trips the volume when the oldest one
+still unanswered reaches it.  A trip fails every watched transaction back as it cancels every
+armed scope.  (The timeout is the volume's, so deadlines come in the order bios started: a
+queue, not a heap.)
+
 When a FAILFAST bio expires or its volume trips (:mod:`dst.client.remote`), the caller hears
 of the failure at once, but the commands already sent are still the server's: it may yet run
 them — a frozen server that resumes runs every write in its socket buffer.  Such commands are
@@ -20,10 +27,12 @@ and, if a link died with orphans on it (their fate unknowable), ORPHAN_SETTLE_S 
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Callable
 
 import trio
 
-from dst.client.commands import RemoteStatistics
+from dst.client.commands import RemoteStatistics, Transaction
 from dst.errors import BlockError
 
 __all__ = ["ORPHAN_SETTLE_S", "Orphans", "Tripwire"]
@@ -72,11 +81,22 @@ class Orphans:
 class Tripwire:
     """The deadline scopes of the FAILFAST bios in flight on one volume; see the docstring."""
 
-    def __init__(self, where: str, stats: RemoteStatistics) -> None:
+    def __init__(
+        self,
+        where: str,
+        stats: RemoteStatistics,
+        abandon: Callable[[Transaction, BlockError], None],
+        expired: Callable[[], BlockError],
+    ) -> None:
         self.where = where  # "volume=... server=..." for the log line
         self.stats = stats
         self.error: BlockError | None = None
         self._scopes: set[trio.CancelScope] = set()
+        #: Started FAILFAST transactions and their deadlines, oldest first; ``abandon`` fails
+        #: one back (its commands become orphans), ``expired`` is the error of a deadline.
+        self._watched: deque[tuple[float, Transaction]] = deque()
+        self._abandon, self._expired = abandon, expired
+        self._watch_wake = trio.Event()
 
     def arm(self, timeout_s: float | None) -> trio.CancelScope:
         """A scope with the bio's deadline (none if ``timeout_s`` is None), cancelled by a
@@ -89,19 +109,52 @@ class Tripwire:
     def disarm(self, scope: trio.CancelScope) -> None:
         self._scopes.discard(scope)
 
+    def watch(self, txn: Transaction, deadline: float) -> None:
+        """A started FAILFAST transaction: failed back by a trip, or by one at ``deadline``
+        if unanswered then; at once if the volume tripped while it was being sent."""
+        if self.error is not None:
+            self._abandon(txn, self.error)
+            return
+        watched = self._watched
+        while watched and watched[0][1].done.is_set():
+            watched.popleft()
+        watched.append((deadline, txn))
+        if len(watched) == 1:
+            self._watch_wake.set()
+
+    async def watch_deadlines(self) -> None:
+        """Forever: trip when the oldest watched transaction is unanswered at its deadline."""
+        while True:
+            watched = self._watched
+            while watched and watched[0][1].done.is_set():
+                watched.popleft()
+            if not watched:
+                self._watch_wake = trio.Event()
+                await self._watch_wake.wait()
+            elif trio.current_time() < watched[0][0]:
+                await trio.sleep_until(watched[0][0])
+            else:
+                self.trip(self._expired())
+
     def trip(self, error: BlockError) -> BlockError:
-        """The first FAILFAST failure: fail every armed bio at once.  Returns the error every
-        one of them (and every later FAILFAST bio, until reset) fails with."""
+        """The first FAILFAST failure: fail every armed and watched bio at once.  Returns the
+        error every one of them (and every later FAILFAST bio, until reset) fails with."""
         if self.error is not None:
             return self.error
         self.error = BlockError(error.errno, f"failfast: {error.args[0] if error.args else ''}")
         self.stats.failfast_trips += 1
         for scope in self._scopes:
             scope.cancel()
+        watched, self._watched = self._watched, deque()
+        failed_back = len(self._scopes)
+        for _, txn in watched:  # their callbacks run here
+            if not txn.done.is_set():
+                self._abandon(txn, self.error)
+                failed_back += 1
         log.warning(
             "%s event=failfast_tripped failed_back=%d reason=%r",
             self.where,
-            len(self._scopes),
+            failed_back,
             str(self.error),
         )
         return self.error

@@ -101,7 +101,12 @@ class RemoteVolume:
         self.on_link: Callable[[Link], Awaitable[None]] | None = None
         # FAILFAST (module docstring): the tripwire over the FAILFAST bios in flight, and the
         # commands failed back while on the wire.
-        self._tripwire = Tripwire(f"volume={config.volume} server={config.address}", self.stats)
+        self._tripwire = Tripwire(
+            f"volume={config.volume} server={config.address}",
+            self.stats,
+            self._abandon,
+            self._expired,
+        )
         self._orphans = Orphans()
 
     # -- the block layer interface --------------------------------------------------------
@@ -145,15 +150,19 @@ class RemoteVolume:
             await self._submit(bio, Transaction(0, early=early, stage=stage))
 
     async def start(self, bio: Bio, plug: Plug | None = None) -> Transaction:
-        """Send ``bio`` (not FAILFAST) and return its transaction: ``await txn.wait()``
-        completes it, or ``txn.then(callback)`` is called back (the Pending protocol).  A
-        caller overlaps its own work with the server's without a task of its own (the
-        replicated write path: send to the peer, write locally, then wait; the NBD bridge).
+        """Send ``bio`` and return its transaction: ``await txn.wait()`` completes it, or
+        ``txn.then(callback)`` is called back (the Pending protocol).  A caller overlaps its
+        own work with the server's without a task of its own (the replicated write path:
+        send to the peer, write locally, then wait; the NBD bridge; the mirror's legs).
         With ``plug``, the commands wait in it while a link is up, and leave with every
-        other command held there in one gathered write when the plug is flushed."""
+        other command held there in one gathered write when the plug is flushed.  A
+        FAILFAST bio keeps its rules: its deadline and the volume's trip fail it back."""
         self._check_submit(bio)
         txn = Transaction(0)
-        await self._start(bio, txn, plug)
+        if int(bio.flags) & _FAILFAST:
+            await self._start_failfast(bio, txn, plug)
+        else:
+            await self._start(bio, txn, plug)
         return txn
 
     def _check_submit(self, bio: Bio) -> None:
@@ -204,15 +213,19 @@ class RemoteVolume:
     def failfast_tripped(self) -> bool:
         return self._tripwire.error is not None
 
-    async def _submit_failfast(self, bio: Bio) -> None:
+    def _failfast_gate(self) -> Tripwire:
+        """A tripped volume, or one without a link, fails a FAILFAST bio at once."""
         wire = self._tripwire
         if wire.error is not None:
             raise wire.error
         if self._link is None:
             raise wire.trip(BlockError(errno.ENOTCONN, f"{self.config.address} not connected"))
+        return wire
+
+    async def _submit_failfast(self, bio: Bio) -> None:
+        wire = self._failfast_gate()
         txn = Transaction(0)
-        timeout = self.config.failfast_timeout_s
-        scope = wire.arm(timeout)
+        scope = wire.arm(self.config.failfast_timeout_s)
         with scope:
             try:
                 await self._submit(bio, txn)
@@ -224,8 +237,38 @@ class RemoteVolume:
                 if not txn.done.is_set():
                     self._orphan(txn)
         # Cancelled: our own deadline, or another FAILFAST bio tripped the volume.
-        raise wire.trip(
-            BlockError(errno.ETIMEDOUT, f"no answer from {self.config.address} within {timeout} s")
+        raise wire.trip(self._expired())
+
+    async def _start_failfast(self, bio: Bio, txn: Transaction, plug: Plug | None) -> None:
+        """Send a FAILFAST bio's commands, and watch its transaction until its deadline
+        (:class:`~dst.client.failfast.Tripwire`); a wait for a slot is bounded by the deadline
+        as :meth:`_submit_failfast`'s whole wait is."""
+        wire = self._failfast_gate()
+        scope = wire.arm(self.config.failfast_timeout_s)
+        with scope:
+            try:
+                await self._start(bio, txn, plug)
+            finally:
+                wire.disarm(scope)
+        if scope.cancelled_caught:
+            self._orphan(txn)
+            raise wire.trip(self._expired())
+        txn.then(lambda: self._failfast_done(txn))  # before the caller's callbacks
+        wire.watch(txn, scope.deadline)
+
+    def _failfast_done(self, txn: Transaction) -> None:
+        if txn.error is not None:
+            txn.error = self._tripwire.trip(txn.error)
+
+    def _abandon(self, txn: Transaction, error: BlockError) -> None:
+        """The tripwire fails a started FAILFAST transaction back."""
+        self._orphan(txn)
+        txn.fail(error)
+
+    def _expired(self) -> BlockError:
+        timeout = self.config.failfast_timeout_s
+        return BlockError(
+            errno.ETIMEDOUT, f"no answer from {self.config.address} within {timeout} s"
         )
 
     def _orphan(self, txn: Transaction) -> None:
@@ -455,7 +498,14 @@ class RemoteVolume:
             self._slots = trio.Semaphore(link.max_inflight)
 
     async def run(self, first: Link | None, *, task_status: trio.TaskStatus[None]) -> None:
-        """Supervise the connection forever: run a link, and when it breaks, get another."""
+        """Supervise the connection forever: run a link, and when it breaks, get another;
+        and trip the volume when a started FAILFAST bio reaches its deadline."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._tripwire.watch_deadlines)
+            await self._supervise(first, task_status)
+            nursery.cancel_scope.cancel()
+
+    async def _supervise(self, first: Link | None, task_status: trio.TaskStatus[None]) -> None:
         link: Link | None = first
         task_status.started()
         failures = 0

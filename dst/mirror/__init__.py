@@ -2,6 +2,8 @@
 
 - :mod:`dst.mirror.legs` — leg states and the rules (FAILFAST, drop, LAST_ERRED);
 - :mod:`dst.mirror.layer` — :class:`Mirror`, the block layer, and its resync of returning legs;
+- :mod:`dst.mirror.started` — READs and WRITEs started on the legs without a task (the bridge's
+  started path);
 - :mod:`dst.mirror.service` — :func:`open_mirror` over RemoteVolumes, bitmaps and status file.
 """
 

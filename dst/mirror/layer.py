@@ -33,20 +33,31 @@ and makes the leg IN_SYNC.  A leg that fails during its resync is simply ERRED a
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
-from dst.block import Bio, BioFlags, BlockLayer, Limits, Op, validate_bio
+from dst.block import (
+    Bio,
+    BioFlags,
+    BlockLayer,
+    Completion,
+    Limits,
+    Op,
+    Pending,
+    Plug,
+    StartingLayer,
+    validate_bio,
+)
 from dst.block.layer import closed_error, submit_split
 from dst.block.rangelock import RangeLocks
 from dst.client.remote import RemoteVolume
 from dst.errors import BlockError, ConfigError
-from dst.mirror.legs import LegState, LegTable, Verdict
+from dst.mirror.legs import LegState, LegTable, Verdict, leg_bio
+from dst.mirror.started import start_io
 from dst.replication.active import ActiveWrites
 from dst.replication.activity_log import ActivityLog
 from dst.replication.bitmap import DirtyBitmap
@@ -125,6 +136,14 @@ class Mirror:
         self._active = ActiveWrites(activity_log)
         self._changed = trio.Event()
         self._closed = False
+        # The started path (dst/mirror/started.py): every leg's start, or None if a leg cannot
+        # start bios; the nursery of run(), which finishes what a started bio must wait for.
+        starts: list[Callable[[Bio, Plug | None], Awaitable[Pending]]] = [
+            leg.layer.start for leg in legs if isinstance(leg.layer, StartingLayer)
+        ]
+        self.starts = starts if len(starts) == len(legs) else None
+        self.tasks: trio.Nursery | None = None
+        self.started = 0  # bios started without a task
         for i, leg in enumerate(self.legs):
             if self.table.states[i] is LegState.ERRED:
                 leg.reason = "dirty at start" if leg.bitmap.dirty_bytes else "unreachable at start"
@@ -182,6 +201,41 @@ class Mirror:
 
     # -- I/O -----------------------------------------------------------------------------
 
+    @property
+    def can_start(self) -> bool:
+        """Started bios need legs that start them and the nursery of :meth:`run`."""
+        return self.starts is not None and self.tasks is not None
+
+    async def start(self, bio: Bio, plug: Plug | None = None) -> Pending:
+        """Start ``bio`` (valid: checked at the edge) and call back on its completion: a READ
+        or a WRITE whose range and extents are free at once without a task
+        (``dst/mirror/started.py``), anything else in a task of :meth:`run` running
+        :meth:`submit`."""
+        if self._closed:
+            raise closed_error("mirror")
+        if self.starts is not None:
+            started = await start_io(self, bio, plug)
+            if started is not None:
+                return started
+        if plug:
+            await plug.flush()  # what was started before this goes first
+        tasks = self.tasks
+        if tasks is None:
+            raise BlockError(errno.ESHUTDOWN, "mirror is not running")
+        done = Completion()
+        tasks.start_soon(self._run_started, bio, done)
+        return done
+
+    async def _run_started(self, bio: Bio, done: Completion) -> None:
+        error: BlockError | None = BlockError(errno.ESHUTDOWN, "mirror stopped")
+        try:
+            await self.submit(bio)
+            error = None
+        except BlockError as exc:
+            error = exc
+        finally:
+            done.finish(error)
+
     async def submit(self, bio: Bio) -> None:
         if self._closed:
             raise closed_error("mirror")
@@ -203,30 +257,35 @@ class Mirror:
 
     async def _leg_io(self, i: int, bio: Bio) -> BlockError | None:
         """Run ``bio`` on leg ``i`` under the leg rules; None on success, else the error."""
-        leg = self.legs[i]
         while True:
             failfast = self.table.use_failfast(i)
-            flags = bio.flags | BioFlags.FAILFAST if failfast else bio.flags & ~BioFlags.FAILFAST
             try:
-                await leg.layer.submit(dataclasses.replace(bio, flags=flags))
+                await self.legs[i].layer.submit(leg_bio(bio, failfast))
                 return None
             except BlockError as exc:
-                leg.errors += 1
-                was = self.table.states[i]
-                verdict = self.table.on_error(i, failfast)
-                if verdict is Verdict.RESUBMIT:
-                    log.warning(
-                        "event=leg_last_erred leg=%s op=%s offset=%d action=resubmit_without_"
-                        "failfast reason=%r",
-                        leg.name,
-                        bio.op.name,
-                        bio.offset,
-                        str(exc),
-                    )
-                    continue
-                if verdict is Verdict.DROP and was is not LegState.ERRED:
-                    self._dropped(i, exc)
-                return exc
+                if not self._leg_failed(i, bio, exc, failfast):
+                    return exc
+
+    def _leg_failed(self, i: int, bio: Bio, exc: BlockError, failfast: bool) -> bool:
+        """Leg ``i`` failed ``bio``: apply the leg rules (drop it, or keep it); True if the
+        bio must go to it again, without FAILFAST (LAST_ERRED)."""
+        leg = self.legs[i]
+        leg.errors += 1
+        was = self.table.states[i]
+        verdict = self.table.on_error(i, failfast)
+        if verdict is Verdict.RESUBMIT:
+            log.warning(
+                "event=leg_last_erred leg=%s op=%s offset=%d action=resubmit_without_failfast "
+                "reason=%r",
+                leg.name,
+                bio.op.name,
+                bio.offset,
+                str(exc),
+            )
+            return True
+        if verdict is Verdict.DROP and was is not LegState.ERRED:
+            self._dropped(i, exc)
+        return False
 
     def _dropped(self, i: int, exc: BlockError) -> None:
         leg = self.legs[i]
@@ -261,12 +320,12 @@ class Mirror:
                 nursery.start_soon(one, i)
         return results
 
-    def _outcome(self, results: dict[int, BlockError | None]) -> None:
-        """Raise unless an IN_SYNC leg completed the I/O."""
+    def _outcome(self, results: dict[int, BlockError | None]) -> BlockError | None:
+        """None if an IN_SYNC leg completed the I/O, else the error for the user."""
         if any(e is None and self.table.states[i] is LegState.IN_SYNC for i, e in results.items()):
-            return
+            return None
         errors = [e for i, e in sorted(results.items()) if e is not None]
-        raise errors[-1] if errors else BlockError(errno.EIO, "no leg took the I/O")
+        return errors[-1] if errors else BlockError(errno.EIO, "no leg took the I/O")
 
     def _missed(self, i: int, results: dict[int, BlockError | None]) -> bool:
         """Leg ``i`` did not get the I/O and is not IN_SYNC: its bitmap must say so.  (The
@@ -277,6 +336,16 @@ class Mirror:
 
     async def _write(self, bio: Bio) -> None:
         results = await self._on_all(bio)
+        for bitmap in self._account(bio, results):  # durable before the write is acknowledged
+            await trio.to_thread.run_sync(bitmap.flush)
+        error = self._outcome(results)
+        if error is not None:
+            raise error
+
+    def _account(self, bio: Bio, results: dict[int, BlockError | None]) -> list[DirtyBitmap]:
+        """After a write: mark it in the bitmap of every leg that missed it (returned: those
+        the marks changed, to flush before the write is acknowledged), and note it unflushed
+        on every leg that completed it."""
         marked: list[DirtyBitmap] = []
         for i, leg in enumerate(self.legs):
             if self._missed(i, results):
@@ -284,9 +353,7 @@ class Mirror:
                     marked.append(leg.bitmap)
             elif results.get(i, 0) is None and not bio.flags & BioFlags.FUA:
                 self._note_unflushed(leg, bio)
-        for bitmap in marked:  # durable before the write is acknowledged
-            await trio.to_thread.run_sync(bitmap.flush)
-        self._outcome(results)
+        return marked
 
     def _note_unflushed(self, leg: Leg, bio: Bio) -> None:
         if leg.unflushed_overflow:
@@ -313,15 +380,24 @@ class Mirror:
                 leg.bitmap.mark(extent * step, min(step, self._size - extent * step))
             if extents or overflow:
                 await trio.to_thread.run_sync(leg.bitmap.flush)
-        self._outcome(results)
+        error = self._outcome(results)
+        if error is not None:
+            raise error
 
     # -- return and resync ---------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Forever: bring ERRED legs back when they answer again."""
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Forever: bring ERRED legs back when they answer again; and hold the tasks that
+        finish started bios (:meth:`start`)."""
         async with trio.open_nursery() as nursery:
             for i in range(len(self.legs)):
                 nursery.start_soon(self._watch, i)
+            self.tasks = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.tasks = None
 
     async def _watch(self, i: int) -> None:
         while True:

@@ -23,9 +23,13 @@ This module is the rulebook only; :mod:`dst.mirror.layer` does the I/O and the b
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-__all__ = ["LegState", "LegTable", "Verdict"]
+from dst.block import Bio, BioFlags
+
+__all__ = ["LegState", "LegTable", "Verdict", "leg_bio"]
+
+_FAILFAST = int(BioFlags.FAILFAST)  # tested per bio: int & int, not IntFlag's slow __and__
 
 
 class LegState(enum.Enum):
@@ -99,3 +103,12 @@ class LegTable:
             return False
         self.states[leg] = LegState.IN_SYNC
         return True
+
+
+def leg_bio(bio: Bio, failfast: bool) -> Bio:
+    """``bio`` as it goes to a leg: with FAILFAST or without, as :meth:`LegTable.use_failfast`
+    says."""
+    if bool(int(bio.flags) & _FAILFAST) is failfast:
+        return bio
+    flags = bio.flags | BioFlags.FAILFAST if failfast else bio.flags & ~BioFlags.FAILFAST
+    return replace(bio, flags=flags)

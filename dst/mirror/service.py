@@ -136,7 +136,7 @@ async def open_mirror(
         try:
             await mirror.recover()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(mirror.run)
+                await nursery.start(mirror.run)  # before the first start()
                 if status_file:
                     path = status_path(state_dir, volume)
                     nursery.start_soon(write_status_forever, mirror, path)

@@ -18,10 +18,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from dst.block import Bio, BioFlags, Op
-from dst.client import open_remote
+from dst.client import RemoteVolume, open_remote
 from dst.errors import BlockError
 from dst.mirror import LegState, open_mirror
 from dst.net.endpoints import Address
@@ -204,22 +205,35 @@ async def test_a_bridge_killed_mid_load_resyncs_its_in_flight_extents(tmp_path: 
         b.stop()
 
 
-async def test_one_expired_failfast_request_fails_all_pending_at_once(tmp_path: Path) -> None:
+async def failfast_io(vol: RemoteVolume, bio: Bio, via: str) -> None:
+    """``bio`` on ``vol`` by submit (a task waits in the deadline's scope), or by start (the
+    mirror's started path: the volume's deadline watcher fails it back)."""
+    if via == "submit":
+        await vol.submit(bio)
+    else:
+        await (await vol.start(bio)).wait()
+
+
+@pytest.mark.parametrize("via", ["submit", "start"])
+async def test_one_expired_failfast_request_fails_all_pending_at_once(
+    tmp_path: Path, via: str
+) -> None:
     (server,) = servers(tmp_path)[:1]
     server.start()
     try:
         async with open_remote(server.address, "vol0", failfast_timeout_s=1.0) as vol:
-            await vol.submit(Bio.from_buffer(Op.WRITE, 0, b"\x01" * 4096, flags=BioFlags.FAILFAST))
+            await failfast_io(
+                vol, Bio.from_buffer(Op.WRITE, 0, b"\x01" * 4096, flags=BioFlags.FAILFAST), via
+            )
             server.kill(signal.SIGSTOP)
             errors: list[BlockError] = []
 
             async def write(i: int, delay_s: float) -> None:
                 await trio.sleep(delay_s)
                 data = bytes([i]) * 4096
+                bio = Bio.from_buffer(Op.WRITE, (i + 1) * 4096, data, flags=BioFlags.FAILFAST)
                 try:
-                    await vol.submit(
-                        Bio.from_buffer(Op.WRITE, (i + 1) * 4096, data, flags=BioFlags.FAILFAST)
-                    )
+                    await failfast_io(vol, bio, via)
                 except BlockError as exc:
                     errors.append(exc)
 
@@ -234,8 +248,8 @@ async def test_one_expired_failfast_request_fails_all_pending_at_once(tmp_path: 
             assert vol.stats.failfast_trips == 1
             # Tripped: a new FAILFAST request fails at once, without reaching the server.
             try:
-                await vol.submit(
-                    Bio.from_buffer(Op.READ, 0, bytearray(4096), flags=BioFlags.FAILFAST)
+                await failfast_io(
+                    vol, Bio.from_buffer(Op.READ, 0, bytearray(4096), flags=BioFlags.FAILFAST), via
                 )
             except BlockError as exc:
                 assert str(exc) == str(errors[0])
@@ -250,7 +264,9 @@ async def test_one_expired_failfast_request_fails_all_pending_at_once(tmp_path: 
             assert buf == b"\x01" * 4096
             # The failed-back writes were on the wire: the server did them once it ran again.
             assert vol.stats.orphans == 16
-            await vol.submit(Bio.from_buffer(Op.WRITE, 0, b"\x02" * 4096, flags=BioFlags.FAILFAST))
+            await failfast_io(
+                vol, Bio.from_buffer(Op.WRITE, 0, b"\x02" * 4096, flags=BioFlags.FAILFAST), via
+            )
             assert not vol.failfast_tripped
     finally:
         server.stop()

@@ -7,16 +7,18 @@ tests/integration/test_nbd_bridge.py's, run on both paths; here, what only this 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import trio
 
-from dst.block import MemoryStore
+from dst.block import Bio, MemoryStore, Op
 from dst.client import open_remote
 from dst.client.link import Link
 from dst.fence.handoff import Handoff
+from dst.mirror import LegState, open_mirror
 from dst.nbd import bridge as nbd_bridge
 from dst.nbd import protocol as p
 from dst.nbd.bridge import NbdExport
@@ -118,6 +120,42 @@ except nbd.Error as e:
                 )
     assert "errno ESHUTDOWN" in refused
     assert tasks_counted == [Command.FLUSH]  # every READ and WRITE was started
+
+
+async def test_a_mirror_bridge_starts_reads_and_writes_on_both_legs(
+    tmp_path: Path, tasks_counted: list[int]
+) -> None:
+    # The real stack of `dst nbd --mirror`: Handoff over a Mirror over two servers.
+    script = """
+import random
+data = random.Random(7).randbytes(128 * 65536)
+piece = [data[i * 65536 : (i + 1) * 65536] for i in range(128)]
+for i in range(128):
+    h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(piece[i])), i * 65536)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+h.flush()
+print("bad", [i for i in range(128) if h.pread(65536, i * 65536) != piece[i]])
+"""
+    volumes = (("vol0", 16 * MiB),)
+    async with (
+        running_server(tmp_path / "a", volumes, node_id="a") as a,
+        running_server(tmp_path / "b", volumes, node_id="b") as b,
+    ):
+        servers = [s.listen_address for s in (a, b) if s.listen_address is not None]
+        async with open_mirror(servers, "vol0", state_dir=tmp_path / "state") as mirror:
+            for offset in range(0, 16 * MiB, 4 * MiB):  # activity log extents active on disk
+                await mirror.submit(Bio.from_buffer(Op.WRITE, offset, bytes(4096)))
+            async with bridge(NbdExport("vol0", Handoff(mirror, "vol0"))) as address:
+                assert "bad []" in await nbdsh(address, script)
+            assert mirror.started == 256, "every READ and WRITE was started"
+            assert [mirror.state(i) for i in range(2)] == [LegState.IN_SYNC] * 2
+            expected = random.Random(7).randbytes(128 * 65536)
+            for leg in mirror.legs:  # each leg has every write
+                buf = bytearray(len(expected))
+                await leg.layer.submit(Bio.from_buffer(Op.READ, 0, buf))
+                assert buf == expected, f"leg {leg.name} differs"
+    assert tasks_counted == [Command.FLUSH]
 
 
 async def test_a_burst_of_requests_leaves_for_the_server_in_passes_of_eight(
