@@ -24,11 +24,8 @@ every leg but one, which the others are then resynced from.
 **Ordering.**  Overlapping writes, and a resync copy and the writes to its extent, exclude each
 other by range (:class:`~dst.block.rangelock.RangeLocks`), so every leg sees them in one order.
 
-**Return.**  A watcher per leg waits, for an ERRED leg, until a probe without FAILFAST is
-answered (the leg answers again — however long that takes), then until every request failed
-back from it has been answered or can no longer land (``wait_orphans_settled``), then resyncs
-only the dirty extents (:func:`~dst.replication.resync.copy_dirty_extents`) from IN_SYNC legs,
-and makes the leg IN_SYNC.  A leg that fails during its resync is simply ERRED again.
+**Return.**  A watcher per leg brings an ERRED leg back when it answers again, resyncing only
+its dirty extents (:mod:`dst.mirror.returning`).
 """
 
 from __future__ import annotations
@@ -54,21 +51,19 @@ from dst.block import (
 )
 from dst.block.layer import closed_error, submit_split
 from dst.block.rangelock import RangeLocks
-from dst.client.remote import RemoteVolume
 from dst.errors import BlockError, ConfigError
 from dst.mirror.legs import LegState, LegTable, Verdict, leg_bio
+from dst.mirror.returning import watch_leg
 from dst.mirror.started import start_io
 from dst.replication.active import ActiveWrites
 from dst.replication.activity_log import ActivityLog
 from dst.replication.bitmap import DirtyBitmap
-from dst.replication.resync import DEFAULT_RESYNC_RATE, ResyncProgress, copy_dirty_extents
+from dst.replication.resync import DEFAULT_RESYNC_RATE, ResyncProgress
 
 __all__ = ["Leg", "Mirror"]
 
 log = logging.getLogger("dst.mirror")
 
-#: After a failed probe or an interrupted resync, wait this long before trying again.
-RETRY_AFTER_S = 1.0
 #: Extents remembered per leg as "completed, not yet flushed" before a failed FLUSH of that leg
 #: marks the whole leg instead (65536 x 64 KiB = 4 GiB written without a FLUSH).
 UNFLUSHED_CAP = 65536
@@ -391,99 +386,13 @@ class Mirror:
         finish started bios (:meth:`start`)."""
         async with trio.open_nursery() as nursery:
             for i in range(len(self.legs)):
-                nursery.start_soon(self._watch, i)
+                nursery.start_soon(watch_leg, self, i)
             self.tasks = nursery
             task_status.started()
             try:
                 await trio.sleep_forever()
             finally:
                 self.tasks = None
-
-    async def _watch(self, i: int) -> None:
-        while True:
-            if self.table.states[i] is LegState.ERRED:
-                if not await self._recover(i):
-                    await trio.sleep(RETRY_AFTER_S)
-            else:
-                await self.wait_changed()
-
-    async def _recover(self, i: int) -> bool:
-        leg = self.legs[i]
-        probe = memoryview(bytearray(self._limits.logical_block_size))
-        try:
-            # Without FAILFAST: waits, through reconnects, until the leg answers again.
-            await leg.layer.submit(Bio.from_buffer(Op.READ, 0, probe))
-        except BlockError:
-            return False
-        if leg.layer.size != self._size:
-            # A leg that was down at start and turned out to be another size: never in sync.
-            if leg.reason != "size mismatch":
-                leg.reason = "size mismatch"
-                log.error(
-                    "event=leg_size_mismatch leg=%s size=%d mirror_size=%d",
-                    leg.name,
-                    leg.layer.size,
-                    self._size,
-                )
-                self._note_change()
-            return False
-        if isinstance(leg.layer, RemoteVolume):
-            await leg.layer.wait_orphans_settled()  # no stale write can land after a copy
-        self.table.start_resync(i)
-        started = trio.current_time()
-        log.info("event=leg_resync_started leg=%s dirty=%d", leg.name, leg.bitmap.dirty_bytes)
-        self._note_change()
-        copied = 0
-        interrupted = ""
-        try:
-            while leg.bitmap.dirty_bytes and self.table.states[i] is LegState.RESYNCING:
-                copied += await copy_dirty_extents(
-                    leg.bitmap,
-                    self._size,
-                    lambda offset, view: self._copy(i, offset, view),
-                    rate=self.resync_rate,
-                    progress=leg.progress,
-                )
-            error = await self._leg_io(i, Bio(Op.FLUSH, 0, 0))
-            if error is not None:
-                raise error
-            await trio.to_thread.run_sync(leg.bitmap.flush)
-        except* BlockError as group:
-            interrupted = str(group.exceptions[0])
-        if interrupted or not self.table.finish_resync(i):
-            if self.table.states[i] is LegState.RESYNCING:
-                self.table.on_error(i, True)  # a copy failed on the source side: retry later
-            log.warning(
-                "event=leg_resync_interrupted leg=%s bytes=%d reason=%r",
-                leg.name,
-                copied,
-                interrupted or leg.reason,
-            )
-            self._note_change()
-            return False
-        leg.reason = ""
-        log.info(
-            "event=leg_resync_finished leg=%s bytes=%d seconds=%.2f",
-            leg.name,
-            copied,
-            trio.current_time() - started,
-        )
-        self._note_change()
-        return True
-
-    async def _copy(self, i: int, offset: int, view: memoryview) -> None:
-        """Copy one extent from an IN_SYNC leg to leg ``i`` and clear its bit, under the
-        extent's range lock (a write to it lands on every leg before or after, never during)."""
-        leg = self.legs[i]
-        async with self._locks.locked(offset, offset + len(view)):
-            if self.table.states[i] is not LegState.RESYNCING:
-                raise BlockError(errno.ECANCELED, f"leg {leg.name} erred during its resync")
-            await self._read(Bio.from_buffer(Op.READ, offset, view))
-            error = await self._leg_io(i, Bio.from_buffer(Op.WRITE, offset, view))
-            if error is not None:
-                raise error
-            leg.bitmap.clear(offset, len(view))
-            leg.resynced_bytes += len(view)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -12,11 +12,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from dst.block import Bio, BioFlags, BlockLayer, Op, Pending, Plug
 from dst.errors import BlockError
 from dst.mirror import Leg, LegState, Mirror
+from dst.mirror import layer as mirror_layer
 from tests.integration.starting import Starting
 from tests.unit.test_mirror_layer import EXTENT, FlakyLeg, legs
 
@@ -28,6 +30,12 @@ def flaky(leg: Leg) -> FlakyLeg:
     return leg.layer.below
 
 
+@pytest.fixture(autouse=True)
+def no_return(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No return and resync here (test_mirror_layer.py has them): a dropped leg stays."""
+    monkeypatch.setattr(mirror_layer, "watch_leg", lambda mirror, i: trio.sleep_forever())
+
+
 @asynccontextmanager
 async def started_mirror(tmp_path: Path) -> AsyncIterator[Mirror]:
     """A running Mirror over two FlakyLegs that start bios (each in a task, calling back)."""
@@ -36,8 +44,6 @@ async def started_mirror(tmp_path: Path) -> AsyncIterator[Mirror]:
         for leg in (a, b):
             leg.layer = Starting(leg.layer, nursery)
         mirror = Mirror([a, b])
-        # No return and resync here (test_mirror_layer.py has them): a dropped leg stays.
-        mirror._watch = lambda i: trio.sleep_forever()  # type: ignore[method-assign]
         await nursery.start(mirror.run)
         assert mirror.can_start
         with trio.fail_after(GUARD_S):
