@@ -75,7 +75,7 @@ class RemoteConfig:
 @dataclass(eq=False, slots=True)
 class Transaction:
     remaining: int
-    done: trio.Event = field(default_factory=trio.Event)
+    done: bool = False
     error: BlockError | None = None
     commands: list[Command] = field(default_factory=list)
     #: Replication protocols A and B: set once every command was sent (A) or received by
@@ -85,16 +85,22 @@ class Transaction:
     early_left: int = 0
     #: Called once every command is answered (:meth:`then`, the Pending protocol).
     callbacks: list[Callable[[], None]] | None = None
+    #: A FAILFAST transaction's deadline (trio clock): a send of its commands that a plug
+    #: held is bounded by it, as the rest of its life is.
+    deadline: float = float("inf")
 
     async def wait(self) -> None:
         """Until every command is answered; the first error, if any, raised."""
-        await self.done.wait()
+        if not self.done:  # an event only for a transaction somebody waits for
+            answered = trio.Event()
+            self.then(answered.set)
+            await answered.wait()
         if self.error is not None:
             raise self.error
 
     def then(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once every command is answered (at once if they are)."""
-        if self.done.is_set():
+        if self.done:
             callback()
         elif self.callbacks is None:
             self.callbacks = [callback]
@@ -111,12 +117,12 @@ class Transaction:
     def fail(self, error: BlockError) -> None:
         """Complete now with ``error``: the transaction was abandoned (a FAILFAST deadline or
         trip) and its commands taken out of the pending table, so no reply finishes it."""
-        if not self.done.is_set():
+        if not self.done:
             self.error, self.remaining = error, 0
             self._finished()
 
     def _finished(self) -> None:
-        self.done.set()
+        self.done = True
         for callback in self.callbacks or ():
             callback()
 

@@ -98,10 +98,9 @@ class Tripwire:
         self._abandon, self._expired = abandon, expired
         self._watch_wake = trio.Event()
 
-    def arm(self, timeout_s: float | None) -> trio.CancelScope:
-        """A scope with the bio's deadline (none if ``timeout_s`` is None), cancelled by a
-        trip; the caller enters it and disarms it when the bio is over."""
-        deadline = trio.current_time() + timeout_s if timeout_s else float("inf")
+    def arm(self, deadline: float) -> trio.CancelScope:
+        """A scope with the bio's deadline, cancelled by a trip; the caller enters it and
+        disarms it when the bio is over."""
         scope = trio.CancelScope(deadline=deadline)
         self._scopes.add(scope)
         return scope
@@ -116,7 +115,7 @@ class Tripwire:
             self._abandon(txn, self.error)
             return
         watched = self._watched
-        while watched and watched[0][1].done.is_set():
+        while watched and watched[0][1].done:
             watched.popleft()
         watched.append((deadline, txn))
         if len(watched) == 1:
@@ -126,7 +125,7 @@ class Tripwire:
         """Forever: trip when the oldest watched transaction is unanswered at its deadline."""
         while True:
             watched = self._watched
-            while watched and watched[0][1].done.is_set():
+            while watched and watched[0][1].done:
                 watched.popleft()
             if not watched:
                 self._watch_wake = trio.Event()
@@ -148,7 +147,7 @@ class Tripwire:
         watched, self._watched = self._watched, deque()
         failed_back = len(self._scopes)
         for _, txn in watched:  # their callbacks run here
-            if not txn.done.is_set():
+            if not txn.done:
                 self._abandon(txn, self.error)
                 failed_back += 1
         log.warning(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import math
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -178,12 +179,20 @@ class RemoteVolume:
         await self._start(bio, txn)
         await txn.wait()
 
-    async def _start(self, bio: Bio, txn: Transaction, plug: Plug | None = None) -> None:
-        """Send every command of ``bio``'s transaction (waiting for free slots), or hold
-        them in ``plug``; a wait for a slot flushes the plug first — the slots may be held
-        by commands in it."""
+    async def _start(
+        self,
+        bio: Bio,
+        txn: Transaction,
+        plug: Plug | None = None,
+        pieces: list[Bio] | None = None,
+    ) -> None:
+        """Send every command of ``bio``'s transaction (its ``pieces``, if split already),
+        waiting for free slots, or hold them in ``plug``; a wait for a slot flushes the plug
+        first — the slots may be held by commands in it.  With a plug, a link and a free slot
+        for every piece, this never waits."""
         assert self._slots is not None
-        pieces = split(bio, self._limits)
+        if pieces is None:
+            pieces = split(bio, self._limits)
         txn.remaining = txn.early_left = len(pieces)
         tid = next(self._ids)
         self.stats.transactions += 1
@@ -225,7 +234,7 @@ class RemoteVolume:
     async def _submit_failfast(self, bio: Bio) -> None:
         wire = self._failfast_gate()
         txn = Transaction(0)
-        scope = wire.arm(self.config.failfast_timeout_s)
+        scope = wire.arm(self._deadline())
         with scope:
             try:
                 await self._submit(bio, txn)
@@ -234,7 +243,7 @@ class RemoteVolume:
                 raise wire.trip(exc) from None
             finally:
                 wire.disarm(scope)
-                if not txn.done.is_set():
+                if not txn.done:
                     self._orphan(txn)
         # Cancelled: our own deadline, or another FAILFAST bio tripped the volume.
         raise wire.trip(self._expired())
@@ -242,19 +251,31 @@ class RemoteVolume:
     async def _start_failfast(self, bio: Bio, txn: Transaction, plug: Plug | None) -> None:
         """Send a FAILFAST bio's commands, and watch its transaction until its deadline
         (:class:`~dst.client.failfast.Tripwire`); a wait for a slot is bounded by the deadline
-        as :meth:`_submit_failfast`'s whole wait is."""
+        as :meth:`_submit_failfast`'s whole wait is, and so is the send of commands a plug
+        held (:meth:`_send_held`)."""
         wire = self._failfast_gate()
-        scope = wire.arm(self.config.failfast_timeout_s)
-        with scope:
-            try:
-                await self._start(bio, txn, plug)
-            finally:
-                wire.disarm(scope)
-        if scope.cancelled_caught:
-            self._orphan(txn)
-            raise wire.trip(self._expired())
+        assert self._slots is not None
+        txn.deadline = self._deadline()
+        pieces = split(bio, self._limits)
+        if plug is not None and self._link is not None and self._slots.value >= len(pieces):
+            await self._start(bio, txn, plug, pieces)  # cannot wait: no deadline scope
+        else:
+            scope = wire.arm(txn.deadline)
+            with scope:
+                try:
+                    await self._start(bio, txn, plug, pieces)
+                finally:
+                    wire.disarm(scope)
+            if scope.cancelled_caught:
+                self._orphan(txn)
+                raise wire.trip(self._expired())
         txn.then(lambda: self._failfast_done(txn))  # before the caller's callbacks
-        wire.watch(txn, scope.deadline)
+        wire.watch(txn, txn.deadline)
+
+    def _deadline(self) -> float:
+        """The deadline of a FAILFAST bio starting now."""
+        timeout = self.config.failfast_timeout_s
+        return trio.current_time() + timeout if timeout else math.inf
 
     def _failfast_done(self, txn: Transaction) -> None:
         if txn.error is not None:
@@ -325,12 +346,18 @@ class RemoteVolume:
 
     async def _send_held(self, cmds: list[Command]) -> None:
         """Send commands a plug held: those still pending and not resent already by a link
-        adopted meanwhile."""
+        adopted meanwhile.  A send that waits past a FAILFAST command's deadline breaks the
+        link (as a cancelled send in :meth:`_submit_failfast`'s scope does)."""
         link = self._link
         if link is not None:
             generation, pending = link.generation, self._pending
             cmds = [c for c in cmds if c.generation != generation and (c.tid, c.sub) in pending]
-        await self._send_batch(cmds)
+        deadline = min([c.txn.deadline for c in cmds], default=math.inf)
+        if deadline == math.inf:
+            await self._send_batch(cmds)
+            return
+        with trio.move_on_at(deadline):
+            await self._send_batch(cmds)
 
     async def _send(self, cmd: Command) -> None:
         """Send ``cmd`` on the current link, waiting for one if there is none.  A command

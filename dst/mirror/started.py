@@ -72,19 +72,23 @@ async def start_io(mirror: Mirror, bio: Bio, plug: Plug | None) -> Completion | 
 class _LegIO(Completion):
     """A bio started on legs: each leg's outcome as the leg rules judge it."""
 
-    __slots__ = ("_bio", "_mirror")
+    __slots__ = ("_bio", "_for_legs", "_mirror")
 
     def __init__(self, mirror: Mirror, bio: Bio) -> None:
         super().__init__()
         self._mirror, self._bio = mirror, bio
+        self._for_legs: tuple[bool, Bio] | None = None  # the last leg_bio made, reused
 
     async def start(self, i: int, plug: Plug | None) -> None:
         mirror = self._mirror
         assert mirror.starts is not None
         failfast = mirror.table.use_failfast(i)
         self._began(i)
+        made = self._for_legs
+        if made is None or made[0] is not failfast:
+            made = self._for_legs = (failfast, leg_bio(self._bio, failfast))
         try:
-            pending = await mirror.starts[i](leg_bio(self._bio, failfast), plug)
+            pending = await mirror.starts[i](made[1], plug)
         except BlockError as exc:
             self._leg_done(i, failfast, exc)
             return

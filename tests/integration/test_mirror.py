@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import trio
 
-from dst.block import Bio, BioFlags, Op
+from dst.block import Bio, BioFlags, Op, Plug
 from dst.client import RemoteVolume, open_remote
 from dst.errors import BlockError
 from dst.mirror import LegState, open_mirror
@@ -355,6 +355,46 @@ async def test_a_black_holed_leg_is_dropped_and_resynced_after_its_held_writes(
             await mirror.submit(Bio(Op.FLUSH, 0, 0))
         nursery.cancel_scope.cancel()
     assert filecmp.cmp(tmp_path / "a" / "vol0.img", tmp_path / "b" / "vol0.img", shallow=False)
+
+
+async def test_a_held_failfast_send_that_stalls_breaks_its_link_at_the_deadline(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Started FAILFAST writes wait in the caller's plug; the flush that sends them must not
+    # outlive their deadline when the socket stops draining (a black-holed network), or the
+    # caller — the bridge's reader, serving every leg — would hang with it.  Keepalive is
+    # off the table here (dead_after_s of an hour): only the deadline can end the send.
+    async with (
+        running_server(tmp_path / "a", node_id="a") as a,
+        trio.open_nursery() as nursery,
+    ):
+        assert a.listen_address is not None
+        hole = BlackHole(a.listen_address)
+        relay = await nursery.start(hole.serve)
+        async with open_remote(
+            relay, "vol0", failfast_timeout_s=1.0, keepalive_s=3600, dead_after_s=3600
+        ) as vol:
+            hole.hold()
+            plug, data = Plug(), bytes(MiB)
+            txns = [  # 48 MiB: more than the sockets on the way can buffer
+                await vol.start(
+                    Bio.from_buffer(Op.WRITE, i * MiB, data, flags=BioFlags.FAILFAST), plug
+                )
+                for i in range(48)
+            ]
+            errors = []
+            with trio.fail_after(GUARD_S):
+                await plug.flush()
+                for txn in txns:
+                    with pytest.raises(BlockError) as caught:
+                        await txn.wait()
+                    errors.append(caught.value.errno)
+                while "event=disconnected" not in caplog.text:
+                    await trio.sleep(0.05)
+            assert set(errors) <= {errno.ETIMEDOUT, errno.ENOTCONN}
+            assert "event=disconnected reason='send cancelled'" in caplog.text
+            hole.release()
+        nursery.cancel_scope.cancel()
 
 
 def test_bad_mirror_flags_and_no_reachable_leg_are_one_line_errors(tmp_path: Path) -> None:

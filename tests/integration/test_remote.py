@@ -57,7 +57,7 @@ async def test_bios_started_under_a_plug_leave_when_it_is_flushed(tmp_path: Path
             ]
             await trio.sleep(0.1)
             assert link.framed.bytes_sent == sent  # held, not sent
-            assert not any(txn.done.is_set() for txn in writes)
+            assert not any(txn.done for txn in writes)
             with trio.fail_after(10):
                 await plug.flush()
                 assert not plug
