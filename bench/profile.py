@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.peers import CONFIGS
-from bench.workloads import BY_NAME, cpu_seconds
+from bench.workloads import BY_NAME, cpu_split
 
 MiB = 1 << 20
 #: Leaf frames that mean "in the kernel, waiting or moving bytes", not Python work.
@@ -98,16 +98,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             spies[name] = subprocess.Popen(
                 argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
-        cpu0 = {name: cpu_seconds(pid) for name, pid in t.pids.items()}
+        cpu0 = {name: cpu_split(pid) for name, pid in t.pids.items()}
         sample = workload.run(t.uri, Path(tmp), size, args.seconds)
-        cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in t.pids.items()}
+        cpu = {
+            name: tuple(b - a for a, b in zip(cpu0[name], cpu_split(pid), strict=True))
+            for name, pid in t.pids.items()
+        }
         for spy in spies.values():
             spy.wait(args.seconds + 60)
     per = "request" if workload.unit == "IOPS" else "MiB"
     requests = sample.nbytes / (4096 if per == "request" else MiB)
     print(f"{args.config} {workload.name}: {sample.rate:.0f} {workload.unit}")
     for name in t.pids:
-        print(f"\n{name}: {cpu[name] * 1e6 / requests:.0f} us CPU per {per}")
+        user, system = (seconds * 1e6 / requests for seconds in cpu[name])
+        print(f"\n{name}: {user + system:.0f} us CPU per {per} (user {user:.0f}, sys {system:.0f})")
         print(summarize(out / f"{name}.txt", args.top))
     print(f"\nraw stacks: {out}")
     return 0

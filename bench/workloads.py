@@ -92,9 +92,14 @@ BY_NAME = {w.name: w for w in WORKLOADS}
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of ``pid`` so far (fields 14 and 15 of /proc/PID/stat)."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU time of ``pid`` so far, seconds."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    return int(fields[11]) / _TICKS, int(fields[12]) / _TICKS
 
 
 def peak_rss_mib(pid: int) -> float:

@@ -121,6 +121,26 @@ async def test_many_in_flight_and_out_of_order(tmp_path: Path) -> None:
             assert server.stats["completed_inline"] == 512 and server.stats["write"] == 257
 
 
+async def test_a_server_short_of_pages_answers_what_it_completed_first(tmp_path: Path) -> None:
+    # The server's reader completes writes into the page cache itself and queues their
+    # answers; with a page pool of four 256 KiB writes and 32 sent at once, it runs out of
+    # pages that only those answers give back once sent — the answering task must be free
+    # to send them while the reader waits (a reader that kept them for itself would hang).
+    blocks = [bytes([i + 1]) * (256 << 10) for i in range(32)]
+    async with running_server(tmp_path, pool_bytes=1 << 20) as server:
+        assert server.listen_address is not None
+        async with open_remote(server.listen_address, "vol0") as vol:
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    for i, block in enumerate(blocks):
+                        bio = Bio.from_buffer(Op.WRITE, i * len(block), block)
+                        nursery.start_soon(vol.submit, bio)
+            out = bytearray(len(blocks) * len(blocks[0]))
+            await vol.submit(Bio.from_buffer(Op.READ, 0, out))
+            assert out == b"".join(blocks)
+            assert server.stats["completed_inline"] >= 32
+
+
 async def test_trim_and_write_zeroes_read_zeroes(tmp_path: Path) -> None:
     async with running_server(tmp_path) as server:
         async with open_remote(server.listen_address, "vol0") as vol:  # type: ignore[arg-type]
