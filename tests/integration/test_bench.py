@@ -4,6 +4,9 @@ figures, table) cannot rot unnoticed.  Figures are not asserted: the machine is 
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 from bench.__main__ import parse_args, run, write
@@ -20,3 +23,19 @@ def test_bench_runs_one_workload_per_configuration(tmp_path: Path) -> None:
     text = write(results, tmp_path)
     assert "dst/nbdkit-python" in text
     assert (tmp_path / "chart.png").exists()
+
+
+def test_the_trio_floor_reports_a_round_trip_and_its_cpu() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.floor", "--count", "500"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    found = re.search(
+        r"round trip ([\d.]+) us; .* ([\d.]+) us \(user ([\d.]+), sys ([\d.]+)\)", out
+    )
+    assert found, out
+    trip, cpu, user, system = map(float, found.groups())
+    assert trip > 0 and cpu > 0 and abs(user + system - cpu) < 0.2, out

@@ -13,7 +13,6 @@ import pytest
 import trio
 
 from dst.errors import RemoteProtocolError
-from dst.net import stream as stream_module
 from dst.net.stream import LOWAT_MIN, ByteStream
 
 PIECE = 64 * 1024
@@ -40,7 +39,7 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         marks.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT))
         await wait(sock)
 
-    monkeypatch.setattr(stream_module.trio.lowlevel, "wait_readable", counted)
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counted)  # as the stream looks it up
     return marks
 
 
