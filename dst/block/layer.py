@@ -58,6 +58,7 @@ __all__ = [
     "StoreCounters",
     "StoreStatistics",
     "closed_error",
+    "submit_in_task",
     "submit_split",
 ]
 
@@ -194,6 +195,33 @@ def closed_error(what: str) -> BlockError:
     unchanged; trio's ClosedResourceError would escape the BlockError contract.
     """
     return BlockError(errno.ESHUTDOWN, f"{what} is closed")
+
+
+async def submit_in_task(
+    layer: BlockLayer, bio: Bio, tasks: trio.Nursery | None, plug: Plug | None, what: str
+) -> Completion:
+    """Start ``bio`` the slow way: ``layer.submit(bio)`` in a task of ``tasks``, which
+    finishes the Completion returned — a StartingLayer's path for what it cannot start
+    itself.  What ``plug`` holds leaves first (it was started before ``bio``).  Without a
+    nursery (``what``, the layer, is not running) the bio is refused with ESHUTDOWN."""
+    if plug:
+        await plug.flush()
+    if tasks is None:
+        raise BlockError(errno.ESHUTDOWN, f"{what} is not running")
+    done = Completion()
+    tasks.start_soon(_submit_then_finish, layer, bio, done, what)
+    return done
+
+
+async def _submit_then_finish(layer: BlockLayer, bio: Bio, done: Completion, what: str) -> None:
+    error: BlockError | None = BlockError(errno.ESHUTDOWN, f"{what} stopped")
+    try:
+        await layer.submit(bio)
+        error = None
+    except BlockError as exc:
+        error = exc
+    finally:
+        done.finish(error)
 
 
 async def submit_split(below: BlockLayer, bio: Bio) -> None:

@@ -41,7 +41,6 @@ from dst.block import (
     Bio,
     BioFlags,
     BlockLayer,
-    Completion,
     Limits,
     Op,
     Pending,
@@ -49,7 +48,7 @@ from dst.block import (
     StartingLayer,
     validate_bio,
 )
-from dst.block.layer import closed_error, submit_split
+from dst.block.layer import closed_error, submit_in_task, submit_split
 from dst.block.rangelock import RangeLocks
 from dst.errors import BlockError, ConfigError
 from dst.mirror.legs import LegState, LegTable, Verdict, leg_bio
@@ -212,24 +211,7 @@ class Mirror:
             started = await start_io(self, bio, plug)
             if started is not None:
                 return started
-        if plug:
-            await plug.flush()  # what was started before this goes first
-        tasks = self.tasks
-        if tasks is None:
-            raise BlockError(errno.ESHUTDOWN, "mirror is not running")
-        done = Completion()
-        tasks.start_soon(self._run_started, bio, done)
-        return done
-
-    async def _run_started(self, bio: Bio, done: Completion) -> None:
-        error: BlockError | None = BlockError(errno.ESHUTDOWN, "mirror stopped")
-        try:
-            await self.submit(bio)
-            error = None
-        except BlockError as exc:
-            error = exc
-        finally:
-            done.finish(error)
+        return await submit_in_task(self, bio, self.tasks, plug, "mirror")
 
     async def submit(self, bio: Bio) -> None:
         if self._closed:

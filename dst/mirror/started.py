@@ -83,15 +83,18 @@ class _LegIO(Completion):
         mirror = self._mirror
         assert mirror.starts is not None
         failfast = mirror.table.use_failfast(i)
-        self._began(i)
         made = self._for_legs
         if made is None or made[0] is not failfast:
             made = self._for_legs = (failfast, leg_bio(self._bio, failfast))
         try:
             pending = await mirror.starts[i](made[1], plug)
         except BlockError as exc:
+            self._began(i)
             self._leg_done(i, failfast, exc)
             return
+        # Counted only once started (or refused): a start cut short by cancellation must
+        # not leave the write waiting for a leg that never got it, holding its range.
+        self._began(i)
         pending.then(partial(self._called_back, i, failfast, pending))
 
     def _called_back(self, i: int, failfast: bool, pending: Pending) -> None:

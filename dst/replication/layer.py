@@ -47,7 +47,7 @@ import trio
 
 from dst import chaos
 from dst.block import Bio, BioFlags, Limits, Op, split
-from dst.block.layer import BlockLayer, Completion, Pending, Plug
+from dst.block.layer import BlockLayer, Pending, Plug, submit_in_task
 from dst.block.rangelock import RangeLocks
 from dst.client.link import Link, LinkBroken
 from dst.client.remote import RemoteVolume
@@ -168,24 +168,7 @@ class Replicated:
         started = await start_write(self, bio, plug)
         if started is not None:
             return started
-        if plug:
-            await plug.flush()  # what was started before this goes first
-        done = Completion()
-        tasks = self._behind
-        if tasks is None:
-            raise BlockError(errno.ESHUTDOWN, "replication is not running")
-        tasks.start_soon(self._run_started, bio, done)
-        return done
-
-    async def _run_started(self, bio: Bio, done: Completion) -> None:
-        error: BlockError | None = BlockError(errno.ESHUTDOWN, "replication stopped")
-        try:
-            await self.submit(bio)
-            error = None
-        except BlockError as exc:
-            error = exc
-        finally:
-            done.finish(error)
+        return await submit_in_task(self, bio, self._behind, plug, "replication")
 
     def submit_nowait(self, bio: Bio) -> bool:
         """A READ the local store completes at once (reads are local, as in submit); every

@@ -7,7 +7,7 @@ from __future__ import annotations
 import trio
 
 from dst.block import Bio, BlockLayer, Completion, Limits, Plug
-from dst.errors import BlockError
+from dst.block.layer import submit_in_task
 
 __all__ = ["Starting"]
 
@@ -32,18 +32,7 @@ class Starting:
         await self.below.submit(bio)
 
     async def start(self, bio: Bio, plug: Plug | None = None) -> Completion:
-        done = Completion()
-
-        async def run() -> None:
-            error = None
-            try:
-                await self.below.submit(bio)
-            except BlockError as exc:
-                error = exc
-            done.finish(error)
-
-        self.nursery.start_soon(run)
-        return done
+        return await submit_in_task(self.below, bio, self.nursery, plug, "test layer")
 
     async def aclose(self) -> None:
         await self.below.aclose()

@@ -168,3 +168,24 @@ async def test_a_write_over_a_busy_range_waits_in_a_task_and_lands_after(
         for leg in mirror.legs:
             data = await read(leg.layer, 0, 8192)
             assert data == b"\x08" * 4096 + b"\x09" * 4096
+
+
+async def test_a_write_cancelled_while_starting_on_a_leg_gives_its_range_back(
+    tmp_path: Path,
+) -> None:
+    async with started_mirror(tmp_path) as mirror:
+        assert mirror.starts is not None
+        start_b = mirror.starts[1]
+
+        async def stuck(bio: Bio, plug: Plug | None = None) -> Pending:
+            await trio.sleep_forever()  # a leg whose start waits (for a slot, say)
+            return await start_b(bio, plug)
+
+        mirror.starts[1] = stuck
+        with trio.move_on_after(0.1) as scope:
+            await start(mirror, Bio.from_buffer(Op.WRITE, 0, b"\x0a" * 4096))
+        assert scope.cancelled_caught
+        mirror.starts[1] = start_b
+        # Leg A got the write and completed it: its range is free for the next one.
+        assert await write(mirror, 0, b"\x0b" * 4096) is None
+        assert await read(mirror.legs[0].layer, 0, 4096) == b"\x0b" * 4096
