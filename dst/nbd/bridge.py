@@ -202,12 +202,14 @@ class _Connection:
         self.wire.in_flight = lambda: MAX_INFLIGHT - self._slots.value - self._started
         async with trio.open_nursery() as tasks:
             tasks.start_soon(self._answer)
+            watchdog = await tasks.start(self.wire.watch_payloads)
             try:
                 reason: str | Exception = await self._read(tasks, session)
             except (RemoteProtocolError, *_TRANSPORT_ERRORS) as exc:
                 reason = exc  # raised once the in-flight bios have finished; their replies
                 await trio.aclose_forcefully(self.stream)  # fail fast on the dropped socket
             finally:
+                watchdog.cancel()
                 self._reading = False
                 self._answer_wake.set()
         if isinstance(reason, Exception):

@@ -417,6 +417,25 @@ async def test_clients_that_stall_replies_or_payloads_are_dropped(
         await run(["nbdinfo", uri(address)])
 
 
+async def test_slow_payloads_each_within_the_limit_keep_their_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The payload deadline is per payload (Wire.watch_payloads), not per connection: six
+    # WRITEs whose payloads each take 0.3 s of a 0.5 s limit, 1.8 s in all, are all answered.
+    monkeypatch.setattr(flow, "STALL_TIMEOUT_S", 0.5)
+    async with bridge(NbdExport("vol0", MemoryStore(64 * MiB))) as address:
+        client = await RawClient.connect(address)
+        await client.go()
+        for handle in range(6):
+            await client.request(Command.WRITE, handle * MiB, MiB, handle=handle)
+            for _ in range(4):
+                await trio.sleep(0.075)
+                await client.send(bytes([handle + 1]) * (MiB // 4))
+            with trio.fail_after(STEP_S):
+                assert await client.simple_reply() == (0, handle)
+        await client.aclose()
+
+
 async def test_the_byte_budget_is_fifo_and_cancellation_safe() -> None:
     budget = flow.Budget(10)
     await budget.acquire(8)
