@@ -130,6 +130,7 @@ class Mirror:
         self._active = ActiveWrites(activity_log)
         self._changed = trio.Event()
         self._closed = False
+        self._interrupted = False  # see interrupted()
         # The started path (dst/mirror/started.py): every leg's start, or None if a leg cannot
         # start bios; the nursery of run(), which finishes what a started bio must wait for.
         starts: list[Callable[[Bio, Plug | None], Awaitable[Pending]]] = [
@@ -312,7 +313,11 @@ class Mirror:
         )
 
     async def _write(self, bio: Bio) -> None:
-        results = await self._on_all(bio)
+        try:
+            results = await self._on_all(bio)
+        except BaseException:
+            self.interrupted()  # cancelled with the write on some legs and not others
+            raise
         for bitmap in self._account(bio, results):  # durable before the write is acknowledged
             await trio.to_thread.run_sync(bitmap.flush)
         error = self._outcome(results)
@@ -376,13 +381,26 @@ class Mirror:
             finally:
                 self.tasks = None
 
+    def interrupted(self) -> None:
+        """A write was cut short (cancelled) after some legs may have got it and before the
+        others did, with nothing marked: the activity log, which has its extents, is kept at
+        :meth:`aclose` as after a crash, so the next start resyncs them (:meth:`recover`)."""
+        self._interrupted = True
+
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         for leg in self.legs:
             await leg.layer.aclose()
-        if self._active.al is not None:
-            # A clean stop: nothing in flight, the bitmaps hold what any leg lacks.
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._active.al.clear)
+        if self._active.al is None:
+            return
+        if self._interrupted:
+            log.warning(
+                "event=activity_log_kept reason='a write was interrupted on its way to the "
+                "legs': the next start resyncs its extents"
+            )
+            return
+        # A clean stop: nothing in flight, the bitmaps hold what any leg lacks.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._active.al.clear)

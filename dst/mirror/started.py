@@ -63,6 +63,9 @@ async def start_io(mirror: Mirror, bio: Bio, plug: Plug | None) -> Completion | 
     try:
         for i in mirror.table.writable():
             await write.start(i, plug)
+    except BaseException:
+        mirror.interrupted()  # started on some legs, not on others
+        raise
     finally:
         write.all_started()
     mirror.started += 1

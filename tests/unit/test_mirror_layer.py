@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from dst.block import Bio, BioFlags, MemoryStore, Op
+from dst.block import Bio, BioFlags, BlockLayer, MemoryStore, Op
 from dst.errors import BlockError
 from dst.mirror import Leg, LegState, Mirror
 from dst.replication.activity_log import ActivityLog
@@ -52,7 +52,7 @@ async def write(mirror: Mirror, offset: int, data: bytes) -> None:
     await mirror.submit(Bio.from_buffer(Op.WRITE, offset, data))
 
 
-async def read(mirror: Mirror, offset: int, length: int) -> bytes:
+async def read(mirror: BlockLayer, offset: int, length: int) -> bytes:
     buf = bytearray(length)
     await mirror.submit(Bio.from_buffer(Op.READ, offset, buf))
     return bytes(buf)
@@ -166,3 +166,29 @@ async def test_a_bio_over_the_mirror_cap_is_split_not_refused(tmp_path: Path) ->
     await write(mirror, 512, data)
     assert await read(mirror, 512, len(data)) == data
     assert mirror.limits.max_bytes < len(data)
+
+
+async def test_a_write_interrupted_between_legs_keeps_the_activity_log(tmp_path: Path) -> None:
+    # Cancelled with the write on leg A and not on B, nothing marked: a clean stop must not
+    # clear the log, or the next start would trust legs that differ.
+    a, b = legs(tmp_path)
+    mirror = Mirror([a, b], activity_log=ActivityLog.open(tmp_path / "vol0.al", SIZE))
+    await write(mirror, 0, b"\x01" * 4096)  # a write that completes leaves nothing to keep
+    original = store(b).submit
+
+    async def stuck(bio: Bio) -> None:
+        if bio.op is Op.WRITE and bio.offset == 5 << 20:
+            await trio.sleep_forever()
+        await original(bio)
+
+    store(b).submit = stuck  # type: ignore[method-assign]
+    with trio.move_on_after(0.1) as scope:
+        await write(mirror, 5 << 20, b"\x02" * 4096)
+    assert scope.cancelled_caught
+    assert await read(store(a), 5 << 20, 4096) == b"\x02" * 4096  # A has it, B does not
+    await mirror.aclose()  # a clean stop, which clears the log when nothing was interrupted
+    assert mirror._active.al is not None
+    mirror._active.al.close()
+    reopened = ActivityLog.open(tmp_path / "vol0.al", SIZE)
+    assert not reopened.was_clean
+    assert any(o <= 5 << 20 < o + n for o, n in reopened.recovered_extents)

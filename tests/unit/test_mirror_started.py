@@ -19,6 +19,7 @@ from dst.block import Bio, BioFlags, BlockLayer, Op, Pending, Plug
 from dst.errors import BlockError
 from dst.mirror import Leg, LegState, Mirror
 from dst.mirror import layer as mirror_layer
+from dst.replication.activity_log import ActivityLog
 from tests.integration.starting import Starting
 from tests.unit.test_mirror_layer import EXTENT, FlakyLeg, legs
 
@@ -37,13 +38,15 @@ def no_return(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @asynccontextmanager
-async def started_mirror(tmp_path: Path) -> AsyncIterator[Mirror]:
+async def started_mirror(
+    tmp_path: Path, activity_log: ActivityLog | None = None
+) -> AsyncIterator[Mirror]:
     """A running Mirror over two FlakyLegs that start bios (each in a task, calling back)."""
     async with trio.open_nursery() as nursery:
         a, b = legs(tmp_path)
         for leg in (a, b):
             leg.layer = Starting(leg.layer, nursery)
-        mirror = Mirror([a, b])
+        mirror = Mirror([a, b], activity_log=activity_log)
         await nursery.start(mirror.run)
         assert mirror.can_start
         with trio.fail_after(GUARD_S):
@@ -173,9 +176,11 @@ async def test_a_write_over_a_busy_range_waits_in_a_task_and_lands_after(
 async def test_a_write_cancelled_while_starting_on_a_leg_gives_its_range_back(
     tmp_path: Path,
 ) -> None:
-    async with started_mirror(tmp_path) as mirror:
+    al = ActivityLog.open(tmp_path / "vol0.al", 8 << 20)
+    async with started_mirror(tmp_path, al) as mirror:
         assert mirror.starts is not None
         start_b = mirror.starts[1]
+        assert await write(mirror, 65536, b"\x09" * 4096) is None  # the extent active on disk
 
         async def stuck(bio: Bio, plug: Plug | None = None) -> Pending:
             await trio.sleep_forever()  # a leg whose start waits (for a slot, say)
@@ -189,3 +194,7 @@ async def test_a_write_cancelled_while_starting_on_a_leg_gives_its_range_back(
         # Leg A got the write and completed it: its range is free for the next one.
         assert await write(mirror, 0, b"\x0b" * 4096) is None
         assert await read(mirror.legs[0].layer, 0, 4096) == b"\x0b" * 4096
+        # B never got the first: the activity log outlives this stop (test_mirror_layer.py).
+        await mirror.aclose()
+    al.close()
+    assert not ActivityLog.open(tmp_path / "vol0.al", 8 << 20).was_clean
