@@ -1,16 +1,15 @@
 """FAILFAST bookkeeping of a RemoteVolume: the tripwire, and orphans.
 
-:class:`Tripwire` holds the cancel scope (deadline) of every FAILFAST bio in flight.  The first
-FAILFAST failure *trips* it: every armed scope is cancelled at once, so all FAILFAST bios
-pending on the volume fail back together with the first one's error, and :attr:`error` stays
-set — new FAILFAST bios fail at once — until the volume hears from its server again.
-
-A FAILFAST bio *started* (``RemoteVolume.start``: a callback, no task waiting in a scope) is
-watched instead: :meth:`Tripwire.watch` queues its transaction with its deadline, and
-:meth:`Tripwire.watch_deadlines` — one task per volume — trips the volume when the oldest one
-still unanswered reaches it.  A trip fails every watched transaction back as it cancels every
-armed scope.  (The timeout is the volume's, so deadlines come in the order bios started: a
-queue, not a heap.)
+:class:`Tripwire` watches every FAILFAST transaction in flight on a volume, with its deadline:
+:meth:`Tripwire.watch` queues it, and :meth:`Tripwire.watch_deadlines` — one task per volume —
+trips the volume when the oldest one still unanswered reaches it.  (The timeout is the
+volume's, so deadlines come in the order bios started: a queue, not a heap.)  A FAILFAST bio
+that must wait while it is being sent — for a slot, or for the socket — does so in a cancel
+scope with the same deadline (:meth:`Tripwire.arm`).  The first FAILFAST failure *trips* the
+volume: every armed scope is cancelled and every watched transaction failed back at once, all
+with the first one's error, and :attr:`error` stays set — new FAILFAST bios fail at once —
+until the volume hears from its server again.  ``submit`` and ``start`` share this: no task
+waits in a scope per bio.
 
 When a FAILFAST bio expires or its volume trips (:mod:`dst.client.remote`), the caller hears
 of the failure at once, but the commands already sent are still the server's: it may yet run
@@ -79,7 +78,8 @@ class Orphans:
 
 
 class Tripwire:
-    """The deadline scopes of the FAILFAST bios in flight on one volume; see the docstring."""
+    """The FAILFAST transactions in flight on one volume and their deadlines; see the
+    docstring."""
 
     def __init__(
         self,

@@ -146,7 +146,9 @@ class RemoteVolume:
         it (``"received"``, writes only) — replication protocols A and B."""
         self._check_submit(bio)
         if int(bio.flags) & _FAILFAST:
-            await self._submit_failfast(bio)
+            txn = Transaction(0)
+            await self._start_failfast(bio, txn, None)
+            await txn.wait()  # the deadline's trip fails it back (Tripwire.watch)
         else:
             await self._submit(bio, Transaction(0, early=early, stage=stage))
 
@@ -231,28 +233,11 @@ class RemoteVolume:
             raise wire.trip(BlockError(errno.ENOTCONN, f"{self.config.address} not connected"))
         return wire
 
-    async def _submit_failfast(self, bio: Bio) -> None:
-        wire = self._failfast_gate()
-        txn = Transaction(0)
-        scope = wire.arm(self._deadline())
-        with scope:
-            try:
-                await self._submit(bio, txn)
-                return
-            except BlockError as exc:
-                raise wire.trip(exc) from None
-            finally:
-                wire.disarm(scope)
-                if not txn.done:
-                    self._orphan(txn)
-        # Cancelled: our own deadline, or another FAILFAST bio tripped the volume.
-        raise wire.trip(self._expired())
-
     async def _start_failfast(self, bio: Bio, txn: Transaction, plug: Plug | None) -> None:
         """Send a FAILFAST bio's commands, and watch its transaction until its deadline
-        (:class:`~dst.client.failfast.Tripwire`); a wait for a slot is bounded by the deadline
-        as :meth:`_submit_failfast`'s whole wait is, and so is the send of commands a plug
-        held (:meth:`_send_held`)."""
+        (:class:`~dst.client.failfast.Tripwire`): the trip fails it back then.  A wait for a
+        slot or for the socket on the way is bounded by the same deadline (a scope the trip
+        cancels too), and so is the send of commands a plug held (:meth:`_send_held`)."""
         wire = self._failfast_gate()
         assert self._slots is not None
         txn.deadline = self._deadline()
@@ -347,7 +332,7 @@ class RemoteVolume:
     async def _send_held(self, cmds: list[Command]) -> None:
         """Send commands a plug held: those still pending and not resent already by a link
         adopted meanwhile.  A send that waits past a FAILFAST command's deadline breaks the
-        link (as a cancelled send in :meth:`_submit_failfast`'s scope does)."""
+        link (as a send cancelled in :meth:`_start_failfast`'s scope does)."""
         link = self._link
         if link is not None:
             generation, pending = link.generation, self._pending
