@@ -222,9 +222,8 @@ class ByteStream:
         while i < len(pending):
             n = await self._recv_into(pending[i:], want)
             if n == 0:
-                missing = sum(len(v) for v in pending[i:])
                 raise RemoteProtocolError(
-                    f"connection closed in the middle of {what} ({missing} bytes missing)"
+                    f"connection closed in the middle of {what} ({want} bytes missing)"
                 )
             want -= n
             while n:
