@@ -224,21 +224,16 @@ class RemoteVolume:
     def failfast_tripped(self) -> bool:
         return self._tripwire.error is not None
 
-    def _failfast_gate(self) -> Tripwire:
-        """A tripped volume, or one without a link, fails a FAILFAST bio at once."""
-        wire = self._tripwire
-        if wire.error is not None:
-            raise wire.error
-        if self._link is None:
-            raise wire.trip(BlockError(errno.ENOTCONN, f"{self.config.address} not connected"))
-        return wire
-
     async def _start_failfast(self, bio: Bio, txn: Transaction, plug: Plug | None) -> None:
         """Send a FAILFAST bio's commands, and watch its transaction until its deadline
         (:class:`~dst.client.failfast.Tripwire`): the trip fails it back then.  A wait for a
         slot or for the socket on the way is bounded by the same deadline (a scope the trip
         cancels too), and so is the send of commands a plug held (:meth:`_send_held`)."""
-        wire = self._failfast_gate()
+        wire = self._tripwire  # tripped, or no link: it fails at once
+        if wire.error is not None:
+            raise wire.error
+        if self._link is None:
+            raise wire.trip(BlockError(errno.ENOTCONN, f"{self.config.address} not connected"))
         assert self._slots is not None
         txn.deadline = self._deadline()
         pieces = split(bio, self._limits)
