@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import errno
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from dst.errors import BlockError
@@ -69,6 +69,9 @@ _KNOWN_FLAGS = int(BioFlags.FUA | BioFlags.PREFLUSH | BioFlags.FAILFAST | BioFla
 
 #: Operations that carry data in segments; the others carry a length and no segments.
 DATA_OPS = frozenset({Op.READ, Op.WRITE})
+
+
+_FAILFAST = int(BioFlags.FAILFAST)  # tested per bio: int & int, not IntFlag's slow __and__
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,14 @@ class Bio:
     def data(self) -> bytes:
         """A joined copy of the segments' bytes — for tests and debugging, not the data path."""
         return b"".join(self.views())
+
+    def with_failfast(self, on: bool) -> Bio:
+        """This bio with FAILFAST set or cleared (itself if it already is so): a mirror leg's
+        rules decide it per leg, and a replication peer's link never takes a client's."""
+        if bool(int(self.flags) & _FAILFAST) is on:
+            return self
+        flags = self.flags | BioFlags.FAILFAST if on else self.flags & ~BioFlags.FAILFAST
+        return replace(self, flags=flags)
 
 
 def _fail(message: str) -> BlockError:

@@ -51,7 +51,7 @@ from dst.block import (
 from dst.block.layer import closed_error, submit_in_task, submit_split
 from dst.block.rangelock import RangeLocks
 from dst.errors import BlockError, ConfigError
-from dst.mirror.legs import LegState, LegTable, Verdict, leg_bio
+from dst.mirror.legs import LegState, LegTable, Verdict
 from dst.mirror.returning import watch_leg
 from dst.mirror.started import start_io
 from dst.replication.active import ActiveWrites
@@ -238,7 +238,7 @@ class Mirror:
         while True:
             failfast = self.table.use_failfast(i)
             try:
-                await self.legs[i].layer.submit(leg_bio(bio, failfast))
+                await self.legs[i].layer.submit(bio.with_failfast(failfast))
                 return None
             except BlockError as exc:
                 if not self._leg_failed(i, bio, exc, failfast):

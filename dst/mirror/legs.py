@@ -23,13 +23,9 @@ This module is the rulebook only; :mod:`dst.mirror.layer` does the I/O and the b
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from dst.block import Bio, BioFlags
-
-__all__ = ["LegState", "LegTable", "Verdict", "leg_bio"]
-
-_FAILFAST = int(BioFlags.FAILFAST)  # tested per bio: int & int, not IntFlag's slow __and__
+__all__ = ["LegState", "LegTable", "Verdict"]
 
 
 class LegState(enum.Enum):
@@ -103,12 +99,3 @@ class LegTable:
             return False
         self.states[leg] = LegState.IN_SYNC
         return True
-
-
-def leg_bio(bio: Bio, failfast: bool) -> Bio:
-    """``bio`` as it goes to a leg: with FAILFAST or without, as :meth:`LegTable.use_failfast`
-    says."""
-    if bool(int(bio.flags) & _FAILFAST) is failfast:
-        return bio
-    flags = bio.flags | BioFlags.FAILFAST if failfast else bio.flags & ~BioFlags.FAILFAST
-    return replace(bio, flags=flags)

@@ -33,7 +33,7 @@ import trio
 
 from dst.block import Bio, Completion, Op, Pending, Plug
 from dst.errors import BlockError
-from dst.mirror.legs import LegState, leg_bio
+from dst.mirror.legs import LegState
 
 if TYPE_CHECKING:
     from dst.mirror.layer import Mirror
@@ -80,7 +80,7 @@ class _LegIO(Completion):
     def __init__(self, mirror: Mirror, bio: Bio) -> None:
         super().__init__()
         self._mirror, self._bio = mirror, bio
-        self._for_legs: tuple[bool, Bio] | None = None  # the last leg_bio made, reused
+        self._for_legs: tuple[bool, Bio] | None = None  # the last leg's bio made, reused
 
     async def start(self, i: int, plug: Plug | None) -> None:
         mirror = self._mirror
@@ -88,7 +88,7 @@ class _LegIO(Completion):
         failfast = mirror.table.use_failfast(i)
         made = self._for_legs
         if made is None or made[0] is not failfast:
-            made = self._for_legs = (failfast, leg_bio(self._bio, failfast))
+            made = self._for_legs = (failfast, self._bio.with_failfast(failfast))
         try:
             pending = await mirror.starts[i](made[1], plug)
         except BlockError as exc:

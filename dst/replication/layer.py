@@ -55,7 +55,7 @@ from dst.errors import BlockError, ConfigError
 from dst.replication.active import ActiveWrites
 from dst.replication.activity_log import ActivityLog
 from dst.replication.resync import DEFAULT_RESYNC_RATE, ResyncProgress, copy_dirty_extents
-from dst.replication.started import start_write, without_failfast
+from dst.replication.started import start_write
 from dst.replication.sync import ReplicaState, connect_handshake
 from dst.wire import SyncRequest
 
@@ -263,7 +263,7 @@ class Replicated:
                 stage = "sent" if self.protocol == "A" else "received"
                 # A client's FAILFAST is about its own link; the replica link keeps its own
                 # rules (no resend, degrade on failure), not a client's deadline.
-                await self.peer.submit(without_failfast(bio), early=peer_early, stage=stage)
+                await self.peer.submit(bio.with_failfast(False), early=peer_early, stage=stage)
             except BlockError as exc:
                 peer_error = exc
                 if ready is not None:  # degrade (bitmap, generation) before the ack
@@ -315,7 +315,7 @@ class Replicated:
         txn = None
         try:
             # A client's FAILFAST is about its own link; the replica link keeps its own rules.
-            txn = await self.peer.start(without_failfast(bio))
+            txn = await self.peer.start(bio.with_failfast(False))
         except BlockError as exc:
             peer_error = exc
         try:

@@ -26,7 +26,6 @@ task path).
 from __future__ import annotations
 
 import errno
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import trio
@@ -39,11 +38,10 @@ if TYPE_CHECKING:
     from dst.client.commands import Transaction
     from dst.replication.layer import Replicated
 
-__all__ = ["start_write", "without_failfast"]
+__all__ = ["start_write"]
 
 # Tested per write: int & int, not IntFlag's slow __and__ (dst/client/remote.py does the same).
 _NOT_STARTED = int(BioFlags.FUA | BioFlags.PREFLUSH)
-_FAILFAST = int(BioFlags.FAILFAST)
 
 
 async def start_write(layer: Replicated, bio: Bio, plug: Plug | None) -> Completion | None:
@@ -78,7 +76,7 @@ async def start_write(layer: Replicated, bio: Bio, plug: Plug | None) -> Complet
         write.release()
         return None
     try:
-        txn = await layer.peer.start(without_failfast(bio), plug)
+        txn = await layer.peer.start(bio.with_failfast(False), plug)  # the link's own rules
     except BaseException as exc:
         # Written here, not sent: a degraded write (a BlockError), or one cut short by
         # cancellation — marked all the same, so the peer gets it by resync.
@@ -135,11 +133,3 @@ class _Write(Completion):
         finally:
             self.release()
             self.finish(error)
-
-
-def without_failfast(bio: Bio) -> Bio:
-    """``bio`` for the peer: a client's FAILFAST is about its own link; the replica link
-    keeps its own rules (no resend, degrade on failure), not a client's deadline."""
-    if not int(bio.flags) & _FAILFAST:
-        return bio
-    return replace(bio, flags=bio.flags & ~BioFlags.FAILFAST)
