@@ -292,6 +292,49 @@ class ByteStream:
             self._flushed.set()  # waiters whose message is still queued: one takes over
             self._flushed = trio.Event()
 
+    def send_nowait(self, parts: Sequence[Buffer]) -> bool:
+        """Hand one message to the kernel now, without waiting or yielding — True once it is
+        the stream's; False, having done nothing, if it cannot be (another message is queued
+        or being sent, TLS, a failed stream).  For an owner with nothing else to send: one
+        ``writev`` in the task that has the message, where waking a task to send it costs a
+        scheduler pass.  What did not fit is copied (the caller may reuse its buffers at
+        once) and waits for :meth:`flush`, which the owner must then arrange
+        (:attr:`unsent`)."""
+        sock = self._sock
+        if sock is None or self._flushing or self._out or self._send_failed:
+            return False
+        fd = sock.fileno()
+        if fd < 0:
+            return False
+        bufs = parts[:IOV_MAX]
+        try:
+            sent = os.writev(fd, bufs)
+        except OSError:
+            return False  # EAGAIN, or an error the next send_parts reports
+        self.bytes_sent += sent
+        rest: list[Buffer] = []
+        for part in parts:
+            if sent >= len(part):
+                sent -= len(part)
+                continue
+            tail = memoryview(part)[sent:] if sent else part
+            rest.append(tail if type(tail) is bytes else bytes(tail))  # the caller's again
+            sent = 0
+        if rest:
+            self._out = rest
+            self._queued += 1
+        return True
+
+    @property
+    def unsent(self) -> bool:
+        """Bytes :meth:`send_nowait` queued are waiting for :meth:`flush`."""
+        return bool(self._out) and not self._flushing and not self._send_failed
+
+    async def flush(self) -> None:
+        """Send what is queued (the rest of a :meth:`send_nowait`) unless a sender is at it."""
+        if self._out and not self._flushing:
+            await self.send_parts(())
+
     async def _send_all(self, bufs: list[Buffer]) -> None:
         i = 0
         while i < len(bufs):

@@ -39,7 +39,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -245,6 +245,12 @@ class Replicated:
         # Broken build: acknowledge once local, whatever the peer (protocol C acts like A
         # without even the send) — the checker must catch the lost write after a failover.
         ack_local = chaos.BROKEN and ready is not None and chaos.broken("ack-before-sync")
+        peer_bio = bio.with_failfast(False)
+        if ack_local and bio.op is Op.WRITE:
+            # ...but with the write's own bytes: the acknowledged request's buffers go back
+            # to its session's pool while this copy may still wait to be sent.
+            copy = Bio.from_buffer(Op.WRITE, bio.offset, bio.data())
+            peer_bio = replace(peer_bio, segments=copy.segments)
         # Chaos only: with the crash point armed the peer's side waits for the local write,
         # so the kill lands after the local write and before anything was sent.
         local_first: trio.Event | None = None
@@ -263,7 +269,7 @@ class Replicated:
                 stage = "sent" if self.protocol == "A" else "received"
                 # A client's FAILFAST is about its own link; the replica link keeps its own
                 # rules (no resend, degrade on failure), not a client's deadline.
-                await self.peer.submit(bio.with_failfast(False), early=peer_early, stage=stage)
+                await self.peer.submit(peer_bio, early=peer_early, stage=stage)
             except BlockError as exc:
                 peer_error = exc
                 if ready is not None:  # degrade (bitmap, generation) before the ack

@@ -4,10 +4,12 @@ The reader task owns the socket's receive side.  For each request it takes an in
 (a semaphore of ``max_inflight``, announced in Welcome) and, for a write, pool pages, then
 reads the data straight into those pages.  A request the volume's stack completes at once
 (``submit_nowait``: a cached read, a small write into the page cache) is done right there and
-its reply queued for the answering task, which sends every queued reply in one write.  On a
+its reply queued; before the reader waits for anything it sends the queued replies in one
+write, or, if the socket cannot take them at once, wakes the answering task to.  On a
 replication primary a WRITE is started (``start``): its command to the peer waits in the
 session's plug until the reader would wait for anything, so the writes of one receive reach
-the peer in one send, and its completion callback queues its reply the same way.  Any other
+the peer in one send, and its completion callback queues its reply for the answering task
+(or sends it, if it is the only request out).  Any other
 request runs in a task of its own (``dst/server/requests.py``).  Replies go out in
 completion order.
 When slots or pages run out the reader simply stops reading: backpressure reaches the client
@@ -161,15 +163,30 @@ class Session:
                     await self._plug.flush()
 
     async def _unplug(self) -> None:
-        """Before the reader waits for anything: send what its started requests hold."""
+        """Before the reader waits for anything: send what its started requests hold, and
+        the replies of those it completed."""
         if self._plug:
             await self._plug.flush()
+        if self._answers:
+            self._answer_nowait()
+
+    def _answer_nowait(self) -> None:
+        """The queued replies in one write from the reader itself, when the socket takes them
+        at once; else the answering task's.  (Waking it costs a scheduler pass: at depth 1,
+        a request's whole path is the CPU of each process it crosses.)"""
+        batch = self._answers
+        if self.framed.send_nowait(self._parts(batch)):
+            self._answers = []
+            self._retire_answers(batch)
+            if not self.framed.unsent:
+                return
+        self._answer_wake.set()
 
     async def _read_requests(self, nursery: trio.Nursery) -> None:
         unplug = self._unplug
         while True:
-            if self._plug and not self.framed.head_buffered:
-                await self._plug.flush()  # the next head needs a receive, which may wait
+            if not self.framed.head_buffered:
+                await unplug()  # the next head needs a receive, which may wait
             elif self.framed.pass_done():  # hand on what this pass read (dst.net.stream)
                 await unplug()
                 await trio.lowlevel.checkpoint()
@@ -265,8 +282,7 @@ class Session:
                         continue
                 except BlockError as exc:
                     self._answered(answer, None, exc)
-                self._answers.append(answer)
-                self._answer_wake.set()
+                self._answers.append(answer)  # sent when the reader would wait (_unplug)
             elif isinstance(msg, Goodbye):
                 self.slots.release()
                 log.info(
@@ -317,7 +333,10 @@ class Session:
             self.slots.release()
             return
         self._answers.append(answer)
-        self._answer_wake.set()
+        if self.framed.in_flight() == 1:  # the only request out: no batch to wait for
+            self._answer_nowait()
+        else:
+            self._answer_wake.set()
 
     async def _run_request(self, answer: Answer, bio: Bio) -> None:
         """A request the volume could not complete at once: submit it, then answer."""
@@ -371,25 +390,34 @@ class Session:
         answer.parts = [encode_frame(reply)]
 
     async def _answer(self) -> None:
-        """Send the replies of the requests the reader completed, all those queued at once in
-        one write; return when the reader is done and nothing is left to send."""
-        while self._reading or self._answers or self._started:
+        """Send the queued replies the reader and the callbacks left to it, all those queued
+        at once in one write; return when the reader is done and nothing is left to send."""
+        while self._reading or self._answers or self._started or self.framed.unsent:
             if not self._answers:
+                if self.framed.unsent:
+                    await self._send_replies([])
+                    continue
                 await self._answer_wake.wait()
                 self._answer_wake = trio.Event()
                 continue
             batch, self._answers = self._answers, []
-            parts: list[Buffer] = []
-            for answer in batch:
-                if answer.pending is not None:  # started: its reply is made now
-                    self._answered(answer, answer.bio, answer.pending.error)
-                parts += answer.parts
+            parts = self._parts(batch)
             self._answering = len(batch) - 1
             try:
                 await self._send_replies(parts)
             finally:
                 self._answering = 0
                 self._retire_answers(batch)
+
+    def _parts(self, batch: list[Answer]) -> list[Buffer]:
+        """The reply frames of ``batch``, a started request's made now."""
+        parts: list[Buffer] = []
+        for answer in batch:
+            if answer.pending is not None:
+                self._answered(answer, answer.bio, answer.pending.error)
+                answer.pending = None
+            parts += answer.parts
+        return parts
 
     def _retire_answers(self, batch: list[Answer]) -> None:
         for answer in batch:

@@ -28,7 +28,7 @@ from dst.net.framed import Buffer
 from dst.net.stream import PASS_MESSAGES
 from dst.wire import Message
 from tests.integration.harness import running_server
-from tests.integration.starting import Starting
+from tests.integration.starting import Starting, TaskSteps
 from tests.integration.test_nbd_bridge import (
     STEP_S,
     RawClient,
@@ -201,3 +201,32 @@ async def test_a_burst_of_requests_leaves_for_the_server_in_passes_of_eight(
                     got[handle - 100] = await client.recv(512)
     assert [got[n] for n in range(16)] == payloads
     assert PASS_MESSAGES == 8 and batches == [8, 8, 8, 8]
+
+
+async def test_at_depth_one_no_reply_waits_for_an_answering_task(tmp_path: Path) -> None:
+    # One request at a time: nothing can join a reply's batch, so the server's reader sends
+    # an inline answer itself before it waits for the next request, and the bridge sends a
+    # started request's reply from the callback that completed it.  Waking either side's
+    # answering task would be a scheduler pass per request on each hop.
+    count = TaskSteps()
+    async with running_server(tmp_path) as server:
+        assert server.listen_address is not None
+        async with open_remote(server.listen_address, "vol0", role="bridge", claim="own") as remote:
+            async with bridge(NbdExport("vol0", Handoff(remote, "vol0"))) as address:
+                client = await RawClient.connect(address)
+                await client.go()
+                trio.lowlevel.add_instrument(count)
+                try:
+                    for n in range(64):
+                        data = bytes([n]) * 4096
+                        head = p.REQUEST.pack(p.REQUEST_MAGIC, 0, Command.WRITE, n, n << 12, 4096)
+                        await client.send(head + data)
+                        assert await client.simple_reply() == (0, n)
+                        head = p.REQUEST.pack(p.REQUEST_MAGIC, 0, Command.READ, n, n << 12, 4096)
+                        await client.send(head)
+                        assert await client.simple_reply() == (0, n)
+                        assert await client.recv(4096) == data
+                finally:
+                    trio.lowlevel.remove_instrument(count)
+    answering = {name: n for name, n in count.steps.items() if name.endswith("._answer")}
+    assert sum(answering.values()) <= 4, answering  # 128 requests, 2 hops: 256 without

@@ -11,12 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from dst.block import Bio, BioFlags, MemoryStore, Op, Plug
 from dst.client import open_remote
 from dst.client.remote import RemoteVolume
 from dst.errors import BlockError
 from dst.replication.layer import Replicated
 from dst.server import Server
+from tests.integration.starting import TaskSteps
 from tests.integration.test_replication import running_pair
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -142,3 +145,27 @@ async def test_a_started_write_the_peer_fails_is_marked_before_it_is_acknowledge
             await burst(vol, [(4 * KiB, data[0], BioFlags(0))])
             assert rep.writes_started - before == 2 and len(rep._locks) == 0
         assert image(tmp_path / "primary", 8 * KiB) == data[0] * 2
+
+
+async def test_at_depth_one_a_started_write_is_answered_without_the_answering_task(
+    tmp_path: Path,
+) -> None:
+    """One write at a time: the peer's completion sends the reply itself (nothing could join
+    its batch), and the primary's answering task is never woken for it."""
+    count = TaskSteps()
+    data = blocks(64, seed=3)
+    async with running_pair(tmp_path) as (primary, _secondary, p_addr, _):
+        rep = replicated(primary)
+        async with open_remote(p_addr, "vol0") as vol:
+            await burst(vol, [(0, data[0], BioFlags(0))])  # the extent's activity log commit
+            before = rep.writes_started
+            trio.lowlevel.add_instrument(count)
+            try:
+                for i, block in enumerate(data):
+                    await burst(vol, [(i * 4 * KiB, block, BioFlags(0))])
+            finally:
+                trio.lowlevel.remove_instrument(count)
+            assert rep.writes_started - before == 64
+    answering = sum(n for name, n in count.steps.items() if name.endswith("Session._answer"))
+    assert answering <= 2, count.steps
+    assert image(tmp_path / "secondary", 64 * 4 * KiB) == b"".join(data)
