@@ -39,3 +39,19 @@ def test_the_trio_floor_reports_a_round_trip_and_its_cpu() -> None:
     assert found, out
     trip, cpu, user, system = map(float, found.groups())
     assert trip > 0 and cpu > 0 and abs(user + system - cpu) < 0.2, out
+
+
+def test_a_paired_run_measures_both_sides_in_alternating_rounds() -> None:
+    root = Path(__file__).resolve().parents[2]
+    argv = [sys.executable, "-m", "bench.paired", "--base", str(root), "--size", "64M"]
+    argv += ["--only", "randwrite-4k-qd1", "--rounds", "2", "--seconds", "1"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True, cwd=root)
+    found = re.search(
+        r"randwrite-4k-qd1 +IOPS +base +(\d+) +new +(\d+) +paired new/base ([\d.]+) +"
+        r"CPU us per request (\d+) -> (\d+)",
+        out.stdout,
+    )
+    assert found, out.stdout + out.stderr
+    base, new, ratio, cpu_base, cpu_new = map(float, found.groups())
+    assert base > 0 and new > 0 and ratio > 0 and cpu_base > 0 and cpu_new > 0
+    assert out.stdout.count("rounds base [") == 1 and "round 2/2 done" in out.stderr
