@@ -333,7 +333,7 @@ class Session:
             self.slots.release()
             return
         self._answers.append(answer)
-        if self.framed.in_flight() == 1:  # the only request out: no batch to wait for
+        if not self._started and self.framed.in_flight() == 1:  # the only request out
             self._answer_nowait()
         else:
             self._answer_wake.set()
