@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dst-paired-")))
         given = Path(args.base)
-        base = given.resolve() if given.is_dir() else stack.enter_context(worktree(args.base))
-        trees = {"base": base, "new": ROOT}
+        tree = given.resolve() if given.is_dir() else stack.enter_context(worktree(args.base))
+        trees = {"base": tree, "new": ROOT}
         targets = {}
         for side in sides:
             (tmp / side).mkdir()
