@@ -25,7 +25,7 @@ def test_bench_runs_one_workload_per_configuration(tmp_path: Path) -> None:
     assert (tmp_path / "chart.png").exists()
 
 
-def test_the_trio_floor_reports_a_round_trip_and_its_cpu() -> None:
+def test_the_trio_floor_reports_a_round_trip_and_its_cpu_beside_blocking_sockets() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "bench.floor", "--count", "500"],
         capture_output=True,
@@ -33,12 +33,16 @@ def test_the_trio_floor_reports_a_round_trip_and_its_cpu() -> None:
         timeout=120,
         check=True,
     ).stdout
-    found = re.search(
-        r"round trip ([\d.]+) us; .* ([\d.]+) us \(user ([\d.]+), sys ([\d.]+)\)", out
+    found = re.findall(
+        r"^(trio|blocking sockets, no event loop) ping-pong, .* round trip ([\d.]+) us; "
+        r".* ([\d.]+) us \(user ([\d.]+), sys ([\d.]+)\)$",
+        out,
+        re.M,
     )
-    assert found, out
-    trip, cpu, user, system = map(float, found.groups())
-    assert trip > 0 and cpu > 0 and abs(user + system - cpu) < 0.2, out
+    assert [name for name, *_ in found] == ["trio", "blocking sockets, no event loop"], out
+    for _, *figures in found:
+        trip, cpu, user, system = map(float, figures)
+        assert trip > 0 and cpu > 0 and abs(user + system - cpu) < 0.2, out
 
 
 def test_a_paired_run_measures_both_sides_in_alternating_rounds() -> None:
