@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dst.client.commands import RemoteConfig
-from dst.client.remote import RemoteVolume, open_remote
+from dst.client.remote import RemoteVolume
+from dst.client.supervisor import open_remote
 
 __all__ = ["RemoteConfig", "RemoteVolume", "open_remote"]

@@ -1,18 +1,16 @@
 """RemoteVolume: a block layer whose storage is a volume on a dst server.
 
-``open_remote(address, volume)`` connects, says Hello, attaches the volume and yields a
-``RemoteVolume``: ``limits``, ``size``, ``submit(bio)``, ``aclose()``, like every layer.
+``open_remote(address, volume)`` (:mod:`dst.client.supervisor`) connects, says Hello,
+attaches the volume and yields a ``RemoteVolume``: ``limits``, ``size``, ``submit(bio)``,
+``aclose()``, like every layer.
 
 A bio becomes a *transaction* (seed 003): ``split(bio, limits)`` cuts it into the runs the
 server takes as one request each, every run is sent as a command ``(tid, sub)``, and the
 transaction completes when its last reply arrives — in any order; the first error wins.
 Many transactions are in flight at once, up to the server's ``max_inflight``.
 
-One supervisor task owns the connection.  When the server goes away (EOF, reset, a frame that
-fails its crc, keepalive silence), the supervisor reconnects with backoff, attaches again and
-resends every command that has no reply yet — writes are idempotent, and none of them was
-acknowledged to the user, so resending is safe.  After ``max_retries`` consecutive failed
-attempts, pending and new I/O fails with EIO until a connection succeeds again.
+One supervisor task owns the connection (:mod:`dst.client.supervisor`): it reconnects and
+resends what has no reply yet.
 
 **FAILFAST** (seed 004, for mirror legs): a bio with ``BioFlags.FAILFAST`` is never resent
 and never waits for a link; it has a deadline (``failfast_timeout_s``).  The first FAILFAST bio
@@ -28,10 +26,7 @@ import errno
 import itertools
 import logging
 import math
-import os
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -45,22 +40,17 @@ from dst.client.commands import (
     request_message,
 )
 from dst.client.failfast import Orphans, Tripwire
-from dst.client.link import Link, LinkBroken, open_link
-from dst.errors import BlockError, ConfigError, FencedError, ProtocolError
-from dst.net.endpoints import Address
-from dst.security.tls import TlsConfig
+from dst.client.link import Link, LinkBroken
+from dst.errors import BlockError, FencedError
 from dst.wire import (
     MAX_PAGE_RUNS,
     Received,
     Reply,
 )
 
-__all__ = ["CONNECT_ERRORS", "RemoteConfig", "RemoteVolume", "open_remote"]
+__all__ = ["RemoteConfig", "RemoteVolume"]
 
 log = logging.getLogger("dst.client")
-
-#: How a connection attempt fails: unreachable, refused, broken, or answered with an error.
-CONNECT_ERRORS = (OSError, trio.BrokenResourceError, ProtocolError, BlockError, trio.TooSlowError)
 
 _FAILFAST = int(BioFlags.FAILFAST)  # tested per bio: int & int, not IntFlag's slow __and__
 
@@ -445,271 +435,15 @@ class RemoteVolume:
         self._link_changed.set()
         self._link_changed = trio.Event()
 
-    async def _connect(self) -> Link:
-        """A link to the first server, starting with the last good one, that attaches."""
-        cfg = self.config
-        servers = [cfg.address, *cfg.alternates]
-        order = servers[self._server_index :] + servers[: self._server_index]
-        error: BaseException | None = None
-        for address in order:
-            try:
-                link = await open_link(
-                    address,
-                    cfg.volume,
-                    tls=cfg.tls,
-                    role=cfg.role,
-                    node_id=cfg.node_id or f"{socket.gethostname()}:{os.getpid()}",
-                    page_size=cfg.page_size,
-                    generation=self._generation,
-                    tid=next(self._ids),
-                    owner=self,
-                    claim=self._claim(),
-                    # A replication link is not an owner: nothing to fence, no epoch to name.
-                    epoch=self.epoch if cfg.role != "replica" else 0,
-                )
-            except BlockError as exc:
-                if exc.errno == errno.ESTALE:
-                    self._fence(str(exc))
-                    raise
-                # A secondary's EROFS only says "not here"; another server's reason is news.
-                if error is None or getattr(error, "errno", None) == errno.EROFS:
-                    error = exc
-                continue
-            except CONNECT_ERRORS as exc:
-                error = exc
-                continue
-            self._server_index = servers.index(address)
-            self._generation += 1
-            return link
-        assert error is not None
-        raise error
-
-    def _claim(self) -> str:
-        if self.config.claim == "share" or not self.epoch:
-            return self.config.claim
-        return "own"  # a reconnect: keep the epoch already granted
-
-    def _adopt(self, link: Link) -> None:
-        self.epoch = link.epoch
-        limits = self.own_limits.stack(link.limits)
-        if self._size and (link.size != self._size or limits != self._limits):
-            log.warning(
-                "volume=%s event=geometry_changed size=%d->%d",
-                self.config.volume,
-                self._size,
-                link.size,
-            )
-        self._size = link.size
-        self._limits = limits
-        if self._slots is None:
-            self._slots = trio.Semaphore(link.max_inflight)
-
     async def run(self, first: Link | None, *, task_status: trio.TaskStatus[None]) -> None:
         """Supervise the connection forever: run a link, and when it breaks, get another;
         and trip the volume when a started FAILFAST bio reaches its deadline."""
+        from dst.client.supervisor import supervise  # it builds RemoteVolumes: imports this
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._tripwire.watch_deadlines)
-            await self._supervise(first, task_status)
+            await supervise(self, first, task_status)
             nursery.cancel_scope.cancel()
-
-    async def _supervise(self, first: Link | None, task_status: trio.TaskStatus[None]) -> None:
-        link: Link | None = first
-        task_status.started()
-        failures = 0
-        while True:
-            if link is not None:
-                refusal = await self._run_link(link)
-                link = None
-                if self._closed or self.fenced:
-                    return
-                if refusal is None:
-                    failures = 0
-                    self._giving_up = False
-                    self.stats.reconnects += 1
-                else:
-                    failures += 1
-                    await trio.sleep(min(1.0, 0.05 * 2 ** min(failures, 5)))
-                    continue
-            try:
-                first_ever = self._slots is None
-                link = await self._connect()
-                self._adopt(link)
-                servers = [self.config.address, *self.config.alternates]
-                log.info(
-                    "volume=%s server=%s event=%s",
-                    self.config.volume,
-                    servers[self._server_index],
-                    "connected" if first_ever else "reconnected",
-                )
-            except CONNECT_ERRORS as exc:
-                if self.fenced:
-                    return
-                failures += 1
-                # The first failure is news; a peer retrying for hours should not flood the log.
-                level = logging.WARNING if failures == 1 or failures % 60 == 0 else logging.DEBUG
-                log.log(
-                    level,
-                    "volume=%s server=%s attempt=%d event=connect_failed reason=%r",
-                    self.config.volume,
-                    self.config.address,
-                    failures,
-                    str(exc),
-                )
-                if failures >= self.config.max_retries and not self._giving_up:
-                    self._giving_up = True
-                    self._fail_all(BlockError(errno.EIO, self._down_message()))
-                    self._link_changed.set()
-                    self._link_changed = trio.Event()
-                await trio.sleep(min(1.0, 0.05 * 2 ** min(failures, 5)))
-
-    async def _watch_requests(self, link: Link, timeout_s: float) -> None:
-        """Break ``link`` when a request sent on it stays unanswered for ``timeout_s``."""
-        while True:
-            await trio.sleep(min(1.0, timeout_s / 4))
-            sent = [c.sent_at for c in self._pending.values() if c.generation == link.generation]
-            age = trio.current_time() - min(sent, default=trio.current_time())
-            if age > timeout_s:
-                link.broken(f"a request unanswered for {age:.1f} s")
-                return
-
-    async def _run_link(self, link: Link) -> str | None:
-        """Run ``link`` until it breaks; the reason ``on_link`` refused it, or None."""
-        refusal: str | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(link.run_reader)
-                nursery.start_soon(
-                    link.run_keepalive, self.config.keepalive_s, self.config.dead_after_s
-                )
-                if self.config.request_timeout_s is not None:
-                    nursery.start_soon(self._watch_requests, link, self.config.request_timeout_s)
-                if self.on_link is not None:
-                    try:
-                        await self.on_link(link)
-                    except (BlockError, LinkBroken, ProtocolError) as exc:
-                        refusal = str(exc)
-                        link.broken(f"refused: {refusal}")
-                if refusal is None:
-                    self._set_link(link)
-                    self._tripwire.error = None  # a new link: the server answers again
-                    # Resend what the last link left unanswered, oldest first.
-                    for key in sorted(self._pending):
-                        cmd = self._pending[key]
-                        if cmd.generation != link.generation:
-                            if cmd.generation != -1:
-                                self.stats.resent += 1
-                            nursery.start_soon(self._send, cmd)
-                await link.wait_broken()
-                nursery.cancel_scope.cancel()
-        finally:
-            self._set_link(None)
-            for _ in range(self._orphans.link_died()):  # never to be answered now
-                assert self._slots is not None
-                self._slots.release()
-            lost = BlockError(errno.ENOTCONN, f"link lost: {link.reason}")
-            if not self.config.resend:
-                self._fail_all(lost)
-            else:  # FAILFAST commands are never resent
-                for cmd in list(self._pending.values()):
-                    if cmd.piece.flags & BioFlags.FAILFAST:
-                        self._complete(cmd, lost)
-            await trio.aclose_forcefully(link.framed.stream)
-        if refusal is None:
-            log.warning(
-                "volume=%s server=%s event=disconnected reason=%r pending=%d",
-                self.config.volume,
-                self.config.address,
-                link.reason,
-                len(self._pending),
-            )
-        return refusal
-
-
-@asynccontextmanager
-async def open_remote(
-    address: Address | str | Sequence[Address | str],
-    volume: str,
-    *,
-    tls: TlsConfig | None = None,
-    role: str = "client",
-    node_id: str = "",
-    page_size: int = 4096,
-    max_retries: int = 20,
-    keepalive_s: float = 2.0,
-    dead_after_s: float = 10.0,
-    failfast_timeout_s: float | None = 1.0,
-    must_connect: bool = True,
-    claim: str = "share",
-    claim_wait_s: float = 0.0,
-    request_timeout_s: float | None = 60.0,
-) -> AsyncIterator[RemoteVolume]:
-    """Connect to ``address``, attach ``volume`` and yield it as a block layer.
-
-    ``address`` may list several servers (a replicated pair): the volume is attached where it
-    is primary.  ``claim`` is how the attach claims the volume (dst/fence/claims.py); an
-    ``own`` claim refused because another node holds the volume is retried for up to
-    ``claim_wait_s`` seconds.  A request unanswered for ``request_timeout_s`` breaks its link
-    (RemoteConfig).  The first connection must succeed (so size and limits are
-    known) unless ``must_connect`` is False; later outages are ridden out as the module
-    docstring describes.
-    """
-    from dst.net.endpoints import parse_address
-
-    many = [address] if isinstance(address, str | Address) else list(address)
-    servers = [parse_address(a) if isinstance(a, str) else a for a in many]
-    if not servers:
-        raise ConfigError("no server address given")
-    if page_size < 512 or page_size & (page_size - 1):
-        raise ConfigError(f"page size {page_size}: must be a power of two >= 512")
-    config = RemoteConfig(
-        servers[0],
-        volume,
-        tls,
-        role,
-        node_id,
-        page_size,
-        max_retries,
-        keepalive_s,
-        dead_after_s,
-        alternates=tuple(servers[1:]),
-        failfast_timeout_s=failfast_timeout_s,
-        claim=claim,
-        request_timeout_s=request_timeout_s,
-    )
-    remote = RemoteVolume(config)
-    first: Link | None = None
-    try:
-        first = await _first_link(remote, claim_wait_s)
-        remote._adopt(first)
-    except CONNECT_ERRORS as exc:
-        if must_connect:
-            raise
-        # A mirror leg that is down at start: the supervisor keeps trying; until it connects,
-        # ``size`` is 0 and submits fail with ENOTCONN.
-        log.warning(
-            "volume=%s server=%s event=connect_failed reason=%r", volume, servers[0], str(exc)
-        )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(remote.run, first)
-        try:
-            yield remote
-        finally:
-            await remote.aclose()
-            nursery.cancel_scope.cancel()
-
-
-async def _first_link(remote: RemoteVolume, claim_wait_s: float) -> Link:
-    """The first connection; an ``own`` claim refused because another node holds the volume
-    (EBUSY) is retried until ``claim_wait_s`` has passed — the holder may be letting go."""
-    deadline = trio.current_time() + claim_wait_s
-    while True:
-        try:
-            return await remote._connect()
-        except BlockError as exc:
-            if exc.errno != errno.EBUSY or trio.current_time() >= deadline:
-                raise
-            log.info("volume=%s event=claim_waiting reason=%r", remote.config.volume, str(exc))
-            await trio.sleep(0.2)
 
 
 def _sent(cmd: Command) -> None:
