@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,19 @@ def tasks_counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(nbd_bridge._Connection, "_execute", counted)
     return commands
+
+
+@asynccontextmanager
+async def client_of_a_bridge_to_a_server(tmp_path: Path) -> AsyncIterator[RawClient]:
+    """A raw NBD client, past the handshake, of the real stack of `dst nbd --server`:
+    Handoff over a RemoteVolume to a server."""
+    async with running_server(tmp_path) as server:
+        assert server.listen_address is not None
+        async with open_remote(server.listen_address, "vol0", role="bridge", claim="own") as remote:
+            async with bridge(NbdExport("vol0", Handoff(remote, "vol0"))) as address:
+                client = await RawClient.connect(address)
+                await client.go()
+                yield client
 
 
 async def test_a_connection_dropped_with_started_requests_waits_for_them(
@@ -173,32 +187,27 @@ async def test_a_burst_of_requests_leaves_for_the_server_in_passes_of_eight(
         await send_many(self, frames)
 
     monkeypatch.setattr(Link, "send_many", counted)
-    async with running_server(tmp_path) as server:
-        assert server.listen_address is not None
-        async with open_remote(server.listen_address, "vol0", role="bridge", claim="own") as remote:
-            async with bridge(NbdExport("vol0", Handoff(remote, "vol0"))) as address:
-                client = await RawClient.connect(address)
-                await client.go()
-                payloads = [bytes([n]) * 512 for n in range(16)]
-                writes = b"".join(
-                    p.REQUEST.pack(p.REQUEST_MAGIC, 0, Command.WRITE, n, n * 512, 512) + data
-                    for n, data in enumerate(payloads)
-                )
-                reads = b"".join(
-                    p.REQUEST.pack(p.REQUEST_MAGIC, 0, Command.READ, 100 + n, n * 512, 512)
-                    for n in range(16)
-                )
-                batches.clear()
-                await client.send(writes)
-                assert sorted([await client.simple_reply() for _ in range(16)]) == [
-                    (0, n) for n in range(16)
-                ]
-                await client.send(reads)
-                got = {}
-                for _ in range(16):
-                    error, handle = await client.simple_reply()
-                    assert error == 0
-                    got[handle - 100] = await client.recv(512)
+    async with client_of_a_bridge_to_a_server(tmp_path) as client:
+        payloads = [bytes([n]) * 512 for n in range(16)]
+        writes = b"".join(
+            p.REQUEST.pack(p.REQUEST_MAGIC, 0, Command.WRITE, n, n * 512, 512) + data
+            for n, data in enumerate(payloads)
+        )
+        reads = b"".join(
+            p.REQUEST.pack(p.REQUEST_MAGIC, 0, Command.READ, 100 + n, n * 512, 512)
+            for n in range(16)
+        )
+        batches.clear()
+        await client.send(writes)
+        assert sorted([await client.simple_reply() for _ in range(16)]) == [
+            (0, n) for n in range(16)
+        ]
+        await client.send(reads)
+        got = {}
+        for _ in range(16):
+            error, handle = await client.simple_reply()
+            assert error == 0
+            got[handle - 100] = await client.recv(512)
     assert [got[n] for n in range(16)] == payloads
     assert PASS_MESSAGES == 8 and batches == [8, 8, 8, 8]
 
@@ -209,24 +218,19 @@ async def test_at_depth_one_no_reply_waits_for_an_answering_task(tmp_path: Path)
     # started request's reply from the callback that completed it.  Waking either side's
     # answering task would be a scheduler pass per request on each hop.
     count = TaskSteps()
-    async with running_server(tmp_path) as server:
-        assert server.listen_address is not None
-        async with open_remote(server.listen_address, "vol0", role="bridge", claim="own") as remote:
-            async with bridge(NbdExport("vol0", Handoff(remote, "vol0"))) as address:
-                client = await RawClient.connect(address)
-                await client.go()
-                trio.lowlevel.add_instrument(count)
-                try:
-                    for n in range(64):
-                        data = bytes([n]) * 4096
-                        head = p.REQUEST.pack(p.REQUEST_MAGIC, 0, Command.WRITE, n, n << 12, 4096)
-                        await client.send(head + data)
-                        assert await client.simple_reply() == (0, n)
-                        head = p.REQUEST.pack(p.REQUEST_MAGIC, 0, Command.READ, n, n << 12, 4096)
-                        await client.send(head)
-                        assert await client.simple_reply() == (0, n)
-                        assert await client.recv(4096) == data
-                finally:
-                    trio.lowlevel.remove_instrument(count)
+    async with client_of_a_bridge_to_a_server(tmp_path) as client:
+        trio.lowlevel.add_instrument(count)
+        try:
+            for n in range(64):
+                data = bytes([n]) * 4096
+                head = p.REQUEST.pack(p.REQUEST_MAGIC, 0, Command.WRITE, n, n << 12, 4096)
+                await client.send(head + data)
+                assert await client.simple_reply() == (0, n)
+                head = p.REQUEST.pack(p.REQUEST_MAGIC, 0, Command.READ, n, n << 12, 4096)
+                await client.send(head)
+                assert await client.simple_reply() == (0, n)
+                assert await client.recv(4096) == data
+        finally:
+            trio.lowlevel.remove_instrument(count)
     answering = {name: n for name, n in count.steps.items() if name.endswith("._answer")}
     assert sum(answering.values()) <= 4, answering  # 128 requests, 2 hops: 256 without
