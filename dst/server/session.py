@@ -9,9 +9,8 @@ write, or, if the socket cannot take them at once, wakes the answering task to. 
 replication primary a WRITE is started (``start``): its command to the peer waits in the
 session's plug until the reader would wait for anything, so the writes of one receive reach
 the peer in one send, and its completion callback queues its reply for the answering task
-(or sends it, if it is the only request out).  Any other
-request runs in a task of its own (``dst/server/requests.py``).  Replies go out in
-completion order.
+(or sends it, if it is the only request out).  Any other request runs in a task of its own
+(``dst/server/requests.py``).  Replies go out in completion order.
 When slots or pages run out the reader simply stops reading: backpressure reaches the client
 through TCP, and memory stays bounded.
 
