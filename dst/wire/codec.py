@@ -31,7 +31,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import crc32c
 import msgpack
@@ -80,9 +80,9 @@ _HEAD20 = struct.Struct(">IBBHIII")  # the bytes the header crc covers, before t
 _CHECKSUM = struct.Struct(">I")  # one crc32c in a ChecksumRequest's reply data
 
 
-@dataclass(frozen=True, slots=True)
-class FramePrefix:
-    """The 24 header bytes, parsed (magic and version already checked)."""
+class FramePrefix(NamedTuple):
+    """The 24 header bytes, parsed (magic and version already checked).  A named tuple, not
+    a frozen dataclass: every frame makes one, and a tuple is built in a third of the time."""
 
     msg_type: int
     flags: int
