@@ -425,13 +425,16 @@ class RemoteVolume:
         self._fail_all(FencedError(f"fenced: {why}"))
         if self._link is not None:
             self._link.broken("fenced")
-        self._link_changed.set()  # wake senders waiting for a link that will not come
-        self._link_changed = trio.Event()
+        self._wake_senders()  # waiting for a link that will not come
 
     # -- the connection supervisor ---------------------------------------------------------
 
     def _set_link(self, link: Link | None) -> None:
         self._link = link
+        self._wake_senders()
+
+    def _wake_senders(self) -> None:
+        """Wake the senders waiting for a link: one came, went, or will not come."""
         self._link_changed.set()
         self._link_changed = trio.Event()
 

@@ -151,8 +151,7 @@ async def supervise(
             if failures >= remote.config.max_retries and not remote._giving_up:
                 remote._giving_up = True
                 remote._fail_all(BlockError(errno.EIO, remote._down_message()))
-                remote._link_changed.set()
-                remote._link_changed = trio.Event()
+                remote._wake_senders()
             await trio.sleep(min(1.0, 0.05 * 2 ** min(failures, 5)))
 
 
