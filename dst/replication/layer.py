@@ -31,17 +31,16 @@ log; after a crash of the primary, the extents the log still holds are marked di
 **Resync.**  A background task waits for the peer link; while dirty extents exist and the
 link is up, it copies each one (read locally under the extent's write lock, write to the
 peer), clears its bit, and flushes the bitmap now and then; a token bucket bounds the rate.
-Progress and rate are in ``statistics()``.
+Progress and rate are in ``statistics()``.  The link's handshake and the resync live in
+:mod:`dst.replication.relink`.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
 
 import trio
 
@@ -49,15 +48,14 @@ from dst import chaos
 from dst.block import Bio, BioFlags, Limits, Op, split
 from dst.block.layer import BlockLayer, Pending, Plug, submit_in_task
 from dst.block.rangelock import RangeLocks
-from dst.client.link import Link, LinkBroken
 from dst.client.remote import RemoteVolume
 from dst.errors import BlockError, ConfigError
+from dst.replication import relink
 from dst.replication.active import ActiveWrites
 from dst.replication.activity_log import ActivityLog
-from dst.replication.resync import DEFAULT_RESYNC_RATE, ResyncProgress, copy_dirty_extents
+from dst.replication.resync import DEFAULT_RESYNC_RATE, ResyncProgress
 from dst.replication.started import start_write
-from dst.replication.sync import ReplicaState, connect_handshake
-from dst.wire import SyncRequest
+from dst.replication.sync import ReplicaState
 
 log = logging.getLogger("dst.replication")
 
@@ -104,7 +102,7 @@ class Replicated:
         self.state = state
         self.bitmap = state.bitmap
         # Every new link is handshaken (generation ids, sync.py) before it takes a write.
-        peer.on_link = self._handshake
+        peer.on_link = partial(relink.handshake, self)
         self.al = activity_log
         self._active = ActiveWrites(activity_log)
         # Extents the peer completed since its last successful FLUSH: in its page cache, not
@@ -421,113 +419,22 @@ class Replicated:
                 self.bitmap.dirty_bytes,
             )
 
-    # -- resync --------------------------------------------------------------------------
-
-    async def _handshake(self, link: Link) -> None:
-        # A new link may lead to a peer that restarted — after a crash or a power cut that
-        # took whatever it had completed but not flushed (DRBD clears its transfer log into
-        # the bitmap on a lost connection for the same reason).  Those extents are resynced;
-        # without this, protocol C's acknowledged-but-unflushed writes were missing on the
-        # peer for good when it came back before the next FLUSH.
-        if self._unflushed or self._unflushed_overflow or self._resync_unflushed:
-            unflushed, overflow = self._unflushed | self._resync_unflushed, self._unflushed_overflow
-            self._unflushed, self._unflushed_overflow = set(), False
-            self._resync_unflushed = set()
-            await self._mark_unflushed(unflushed, overflow, "peer_relinked", "unflushed on peer")
-        await connect_handshake(self.state, partial(self._sync, link))
-
-    async def _sync(self, link: Link, action: str, state: Mapping[str, Any]) -> Mapping[str, Any]:
-        """A SyncRequest to the peer on ``link``; its state in answer."""
-        msg = SyncRequest(self.peer.new_tid(), self.peer.config.volume, action, state)
-        return (await link.call(msg, self.peer.config.request_timeout_s)).status
+    # -- the peer link's life (relink.py) -------------------------------------------------
 
     async def share_epoch(self, epoch: int) -> None:
         """Tell the peer about a takeover's epoch; if it is away, the next handshake does."""
-        link = self.peer.link
-        if link is None:
-            return
-        try:
-            await self._sync(link, "epoch", {"epoch": epoch})
-        except (BlockError, LinkBroken) as exc:
-            log.warning("event=epoch_not_shared epoch=%d reason=%r", epoch, str(exc))
+        await relink.share_epoch(self, epoch)
 
     async def run_resync(self) -> None:
-        """Forever: when the peer is connected and extents are dirty, copy them over; when
-        none are left, end the resync in the generation ids of both sides.  Also holds the
-        tasks that finish protocol A and B writes after their acknowledgement."""
+        """Forever: resync the peer whenever it is connected and extents are dirty
+        (:func:`dst.replication.relink.resync_forever`).  Also holds the tasks that finish
+        protocol A and B writes after their acknowledgement, and started bios that wait."""
         async with trio.open_nursery() as behind:
             self._behind = behind
             try:
-                while True:
-                    await self.peer.wait_connected()
-                    if self.bitmap.dirty_bytes:
-                        await self._resync_pass()
-                    if not self.bitmap.dirty_bytes and self.state.needs_finish:
-                        await self._finish_resync()
-                    await trio.sleep(0.2)
+                await relink.resync_forever(self)
             finally:
                 self._behind = None
-
-    async def _finish_resync(self) -> None:
-        """The source's step, persisted, then the target adopts our tuple (sync.py)."""
-        try:
-            await self.peer.submit(Bio(Op.FLUSH, 0, 0))
-            if not await self.state.finish_as_source():
-                return
-            link = self.peer.link
-            if link is None:
-                log.warning("event=resync_finish_interrupted reason='link lost before adopt'")
-                return
-            await self._sync(link, "adopt", {"generations": self.state.generations.to_json()})
-        except (BlockError, LinkBroken) as exc:
-            log.warning("event=resync_finish_interrupted reason=%r", str(exc))
-            return
-        self.state.peer_needs_adopt = False
-        self.state.verdict = "in sync"
-        log.info("event=in_sync generations=%s", self.state.generations.to_json()["current"])
-
-    async def _resync_pass(self) -> None:
-        started = trio.current_time()
-        log.info("event=resync_started out_of_sync=%d", self.bitmap.dirty_bytes)
-        interrupted = ""
-        try:
-            await copy_dirty_extents(
-                self.bitmap, self.size, self._copy, rate=self.resync_rate, progress=self._progress
-            )
-            await self.peer.submit(Bio(Op.FLUSH, 0, 0))
-            self._resync_unflushed.clear()  # the copies are stable on the peer now
-            await trio.to_thread.run_sync(self.bitmap.flush)
-        except* BlockError as group:
-            interrupted = str(group.exceptions[0])
-        if interrupted:
-            log.warning(
-                "event=resync_interrupted done=%d reason=%r", self._progress.done_bytes, interrupted
-            )
-            return
-        log.info(
-            "event=resync_finished bytes=%d seconds=%.2f",
-            self._progress.done_bytes,
-            trio.current_time() - started,
-        )
-
-    async def _copy(self, offset: int, view: memoryview) -> None:
-        """Copy one extent local → peer and clear its bit, all under the extent's lock: a
-        write racing the copy lands on both sides after it, and a write that degrades marks
-        the extent after the clear, never before it."""
-        async with self._locks.locked(offset, offset + len(view)):
-            if chaos.BROKEN and chaos.broken("resync-wrong-side"):
-                # Broken build: the stale peer's bytes overwrite the up-to-date local ones.
-                await self.peer.submit(Bio.from_buffer(Op.READ, offset, view))
-                await self.local.submit(Bio.from_buffer(Op.WRITE, offset, view))
-            else:
-                await self.local.submit(Bio.from_buffer(Op.READ, offset, view))
-                await self.peer.submit(Bio.from_buffer(Op.WRITE, offset, view))
-            self.bitmap.clear(offset, len(view))
-            step = self.bitmap.extent_size
-            self._resync_unflushed.update(
-                range(offset // step, (offset + len(view) - 1) // step + 1)
-            )
-            self._resynced += len(view)
 
     def statistics(self) -> ReplicationStatistics:
         return ReplicationStatistics(
