@@ -29,9 +29,9 @@ import pytest
 import trio
 
 from dst.admin import fetch_status
-from dst.cli import build_parser
 from dst.config import apply_config
 from dst.net.endpoints import Address
+from dst.options import build_parser
 from dst.security.tls import TlsConfig
 from tests.integration.harness import DstProcess, free_port
 from tests.integration.nbdtools import run

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from dst.cli import build_parser
 from dst.config import subparsers
+from dst.options import build_parser
 from dst.security.certs import _parser as certs_parser
 from tests.integration.harness import free_port, running_server
 

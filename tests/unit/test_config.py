@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from dst.cli import build_parser, main
+from dst.cli import main
 from dst.config import apply_config, config_argv, subparsers
 from dst.errors import ConfigError
+from dst.options import build_parser
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
