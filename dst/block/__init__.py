@@ -14,7 +14,8 @@ Everything a block layer needs, re-exported from its module:
 from __future__ import annotations
 
 from dst.block.bio import SECTOR_SIZE, Bio, BioFlags, Op, Segment, validate_bio
-from dst.block.file import IO_THREADS, IOV_MAX, FileStore
+from dst.block.file import IO_THREADS, FileStore
+from dst.block.fileio import IOV_MAX
 from dst.block.layer import (
     BlockLayer,
     Completion,

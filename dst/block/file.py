@@ -36,7 +36,6 @@ directory fail at open with a ConfigError instead of corrupting each other.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -49,17 +48,20 @@ import trio
 
 from dst import chaos
 from dst.block.bio import Bio, BioFlags, Op, validate_bio
+from dst.block.fileio import (
+    RWF_NOWAIT,
+    preadv_all,
+    preadv_cached,
+    pwritev_all,
+    zero_range,
+)
 from dst.block.layer import StoreCounters, StoreStatistics, closed_error
 from dst.block.limits import Limits
 from dst.errors import BlockError, ConfigError
 
-__all__ = ["IOV_MAX", "IO_THREADS", "FileStore"]
+__all__ = ["IO_THREADS", "FileStore"]
 
 log = logging.getLogger("dst.block")
-
-#: Linux's UIO_MAXIOV: preadv/pwritev fail with EINVAL beyond this many buffers, so longer
-#: segment lists go down in groups of this size.
-IOV_MAX = 1024
 
 #: Threads doing disk syscalls at once, for all FileStores of a Trio run together: enough to
 #: keep a device queue busy, few enough that a stuck disk cannot pile up unbounded threads.
@@ -77,14 +79,8 @@ INLINE_WRITE_MAX_S = 0.010
 #: ...so the store's writes use threads for this long before trying inline again.
 INLINE_WRITE_PAUSE_S = 1.0
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
-#: fallocate errnos meaning "this filesystem cannot do that mode": fall back to writing zeros.
-_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS})
 _PREFLUSH, _FUA = int(BioFlags.PREFLUSH), int(BioFlags.FUA)
 
-_ZERO_CHUNK = memoryview(bytes(1 << 20))
 _LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("dst_file_limiter")
 
 
@@ -96,108 +92,6 @@ def _limiter() -> trio.CapacityLimiter:
         limiter = trio.CapacityLimiter(IO_THREADS)
         _LIMITER.set(limiter)
         return limiter
-
-
-_fallocate_fn: Callable[[int, int, int, int], int] | None = None
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """libc ``fallocate(2)`` with a mode (``os.posix_fallocate`` has none); raises OSError."""
-    global _fallocate_fn
-    if _fallocate_fn is None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fn = libc.fallocate64 if hasattr(libc, "fallocate64") else libc.fallocate
-        except (OSError, AttributeError):
-            raise OSError(errno.ENOSYS, "fallocate is not available") from None
-        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        fn.restype = ctypes.c_int
-        _fallocate_fn = fn
-    if _fallocate_fn(fd, mode, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def _advance(views: list[memoryview], index: int, done: int) -> int:
-    """Consume ``done`` bytes of ``views`` from ``index``; return the new index (the partly
-    consumed view, if any, is replaced by its remainder)."""
-    while done and done >= len(views[index]):
-        done -= len(views[index])
-        index += 1
-    if done:
-        views[index] = views[index][done:]
-    return index
-
-
-def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
-    index = 0
-    while index < len(views):
-        count = os.preadv(fd, views[index : index + IOV_MAX], offset)
-        if count == 0:
-            # The file is exactly the volume's size, so this means someone truncated it.
-            raise OSError(errno.EIO, "unexpected end of file")
-        offset += count
-        index = _advance(views, index, count)
-
-
-#: preadv2 flag: fail with EAGAIN instead of waiting for the disk (0 where the OS lacks it).
-_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
-
-
-def _preadv_cached(fd: int, views: list[memoryview], offset: int) -> tuple[int, int]:
-    """Read what the page cache holds, on the event loop, never waiting for the disk
-    (``RWF_NOWAIT``); returns how far it got as (index into views, offset).  A handoff to a
-    worker thread costs far more than a cached 4 KiB read, so reads try this first."""
-    index = 0
-    while _RWF_NOWAIT and index < len(views):
-        try:
-            count = os.preadv(fd, views[index : index + IOV_MAX], offset, _RWF_NOWAIT)
-        except BlockingIOError:
-            break
-        except OSError as exc:
-            if exc.errno not in _UNSUPPORTED:
-                raise
-            break
-        if count == 0:
-            break
-        offset += count
-        index = _advance(views, index, count)
-    return index, offset
-
-
-def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
-    index = 0
-    while index < len(views):
-        count = os.pwritev(fd, views[index : index + IOV_MAX], offset)
-        if count == 0:
-            raise OSError(errno.EIO, "pwritev wrote nothing")
-        offset += count
-        index = _advance(views, index, count)
-
-
-def _pwrite_zeros(fd: int, offset: int, length: int) -> None:
-    end = offset + length
-    while offset < end:
-        count = os.pwrite(fd, _ZERO_CHUNK[: min(len(_ZERO_CHUNK), end - offset)], offset)
-        if count == 0:
-            raise OSError(errno.EIO, "pwrite wrote nothing")
-        offset += count
-
-
-def _zero_range(fd: int, offset: int, length: int, *, keep_allocated: bool) -> None:
-    """Make the range read as zeros: punch a hole (unless ``keep_allocated``), else zero it
-    in place, else write zeros — each step only if the filesystem refused the one before."""
-    modes = [_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE]
-    if not keep_allocated:
-        modes.insert(0, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE)
-    for mode in modes:
-        try:
-            _fallocate(fd, mode, offset, length)
-            return
-        except OSError as exc:
-            if exc.errno not in _UNSUPPORTED:
-                raise
-    _pwrite_zeros(fd, offset, length)
 
 
 def _written(bio: Bio) -> None:
@@ -354,12 +248,12 @@ class FileStore:
         if op is Op.READ:
             views = bio.views()
             try:
-                index, offset = _preadv_cached(fd, views, bio.offset)
+                index, offset = preadv_cached(fd, views, bio.offset)
             except OSError as exc:
                 raise self._error(bio, exc) from exc
             if index < len(views):
                 rest = views[index:]
-                await self._run(bio, lambda: _preadv_all(fd, rest, offset))
+                await self._run(bio, lambda: preadv_all(fd, rest, offset))
             else:
                 await trio.lowlevel.checkpoint()
         elif op is Op.WRITE:
@@ -367,12 +261,12 @@ class FileStore:
                 self._write_inline(bio)
             else:
                 views = bio.views()
-                await self._run(bio, lambda: _pwritev_all(fd, views, bio.offset))
+                await self._run(bio, lambda: pwritev_all(fd, views, bio.offset))
                 _written(bio)
         else:
             keep = op is Op.WRITE_ZEROES and bool(flags & BioFlags.NO_HOLE)
             await self._run(
-                bio, lambda: _zero_range(fd, bio.offset, bio.length, keep_allocated=keep)
+                bio, lambda: zero_range(fd, bio.offset, bio.length, keep_allocated=keep)
             )
         if flags & _FUA and op is not Op.READ:
             await self._sync(bio)
@@ -389,7 +283,7 @@ class FileStore:
         if int(bio.flags) & (_PREFLUSH | _FUA):
             return False
         if op is Op.READ:
-            if not _RWF_NOWAIT:
+            if not RWF_NOWAIT:
                 return False
         elif (
             op is not Op.WRITE
@@ -403,7 +297,7 @@ class FileStore:
             if op is Op.READ:
                 views = bio.views()
                 try:
-                    index, _ = _preadv_cached(self._fd, views, bio.offset)
+                    index, _ = preadv_cached(self._fd, views, bio.offset)
                 except OSError as exc:
                     raise self._error(bio, exc) from exc
                 if index < len(views):
@@ -421,7 +315,7 @@ class FileStore:
         throttled us) sends the store's writes to threads for a while."""
         start = trio.current_time()
         try:
-            _pwritev_all(self._fd, bio.views(), bio.offset)
+            pwritev_all(self._fd, bio.views(), bio.offset)
         except OSError as exc:
             raise self._error(bio, exc) from exc
         took = trio.current_time() - start

@@ -33,7 +33,7 @@ from typing import Final
 
 import crc32c
 
-from dst.block.file import IOV_MAX
+from dst.block.fileio import IOV_MAX
 from dst.block.layer import closed_error
 from dst.errors import BlockError, ConfigError
 
