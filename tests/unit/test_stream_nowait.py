@@ -1,6 +1,7 @@
 """ByteStream.send_nowait over real loopback TCP: a message goes to the kernel from the calling
 task without a wait or a yield, or nothing is done; what did not fit is a copy, sent by flush
-ahead of anything sent after it, so the caller may reuse its buffers at once."""
+ahead of anything sent after it, so the caller may reuse its buffers at once; a message too
+large to copy is declined."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import socket
 
 import trio
 
-from dst.net.stream import ByteStream
+from dst.net.stream import NOWAIT_MAX_BYTES, ByteStream
 from tests.unit.test_stream_lowat import tcp_pair
 
 
@@ -35,7 +36,7 @@ async def test_what_does_not_fit_is_copied_and_flushed_before_later_messages() -
     async with tcp_pair() as (sender, receiver):
         sender.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         stream = ByteStream(sender)
-        big = bytearray(bytes(range(256)) * 4096)  # 1 MiB: more than the socket takes
+        big = bytearray(bytes(range(256)) * 192)  # 48 KiB: more than the socket takes
         expected = bytes(big)
         assert stream.send_nowait([b"a", memoryview(big), b"b"])
         assert stream.unsent
@@ -48,6 +49,18 @@ async def test_what_does_not_fit_is_copied_and_flushed_before_later_messages() -
             got = await read_all(receiver, total)
         assert got == b"a" + expected + b"b" + b"after"
         assert not stream.unsent
+
+
+async def test_a_large_message_is_declined_not_copied() -> None:
+    # Its tail would be a copy as large as itself, costing more than the wakeup it saves.
+    async with tcp_pair() as (sender, receiver):
+        stream = ByteStream(sender)
+        assert stream.send_nowait([b"h", bytes(NOWAIT_MAX_BYTES - 1)])
+        assert await read_all(receiver, NOWAIT_MAX_BYTES) == b"h" + bytes(NOWAIT_MAX_BYTES - 1)
+        assert not stream.send_nowait([b"h", bytes(NOWAIT_MAX_BYTES)])
+        assert stream.bytes_sent == NOWAIT_MAX_BYTES and not stream.unsent
+        await stream.send_parts([b"next"])
+        assert await read_all(receiver, 4) == b"next", "nothing of the declined one went"
 
 
 async def test_nothing_is_done_while_another_sender_is_at_it() -> None:
