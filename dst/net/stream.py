@@ -64,7 +64,8 @@ IOV_MAX = 1024
 #: The most :meth:`ByteStream.send_nowait` takes: what the socket does not take at once is
 #: copied, and the copy of a large tail (and the fresh memory glibc faults in for it) costs
 #: more than the wakeup the call saves.  A 1 MiB read reply copied ~600 KiB per request and
-#: cut dst's seqread-1m-qd8 from ~1,040 to 778 MiB/s, with ~110 page faults per MiB.
+#: cut dst's seqread-1m-qd8 from ~1,040 to 778 MiB/s, with ~110 page faults per MiB.  Under
+#: glibc's 128 KiB mmap threshold, a copy comes from the heap, not from fresh pages.
 NOWAIT_MAX_BYTES = 64 * 1024
 #: A payload missing at least this much is waited for with SO_RCVLOWAT (module docstring);
 #: less arrives in one segment anyway.
