@@ -81,6 +81,20 @@ def _failfast_timeout(text: str) -> float:
     return value
 
 
+def _add_resync_rate(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument(
+        "--resync-rate", type=_resync_rate, default=DEFAULT_RESYNC_RATE, metavar="BYTES", help=help
+    )
+
+
+def _add_metrics(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
+
+
 def _add_security(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tls", metavar="DIR", type=Path, help="node directory from `dst certs issue`")
@@ -144,19 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="when a replicated write is acknowledged: C (default) stable on both; B done here "
         "and received by the peer; A done here and sent. FLUSH/FUA: stable on both, always",
     )
-    p.add_argument(
-        "--resync-rate",
-        type=_resync_rate,
-        default=DEFAULT_RESYNC_RATE,
-        metavar="BYTES",
-        help="cap on resync traffic per second, e.g. 100M (default 64M), as DRBD's resync-rate",
+    _add_resync_rate(
+        p, "cap on resync traffic per second, e.g. 100M (default 64M), as DRBD's resync-rate"
     )
     _add_al_extents(p, "replication: ")
-    p.add_argument(
-        "--metrics",
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics",
-    )
+    _add_metrics(p)
     _add_security(p)
 
     p = sub.add_parser(
@@ -202,11 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "go (default 10)",
     )
     p.add_argument("--node-id", default="", help="name in logs and handshakes")
-    p.add_argument(
-        "--metrics",
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics",
-    )
+    _add_metrics(p)
     p.add_argument(
         "--mirror",
         action="store_true",
@@ -227,13 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="mirror: the legs' dirty bitmaps and NAME.mirror.json status (default dst-bridge)",
     )
-    p.add_argument(
-        "--resync-rate",
-        type=_resync_rate,
-        default=DEFAULT_RESYNC_RATE,
-        metavar="BYTES",
-        help="mirror: cap on a returning leg's resync traffic per second (default 64M)",
-    )
+    _add_resync_rate(p, "mirror: cap on a returning leg's resync traffic per second (default 64M)")
     _add_al_extents(p, "mirror: ")
     _add_security(p)
 
@@ -257,11 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="size of vol0 when it is created (default 1G)",
     )
-    p.add_argument(
-        "--metrics",
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics",
-    )
+    _add_metrics(p)
 
     p = sub.add_parser(
         "status",

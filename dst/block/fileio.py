@@ -57,15 +57,26 @@ def _advance(views: list[memoryview], index: int, done: int) -> int:
     return index
 
 
-def preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
+def _whole(
+    call: Callable[[int, list[memoryview], int], int],
+    fd: int,
+    views: list[memoryview],
+    offset: int,
+    none_moved: str,
+) -> None:
+    """``call`` (os.preadv or os.pwritev) until all of ``views`` is done."""
     index = 0
     while index < len(views):
-        count = os.preadv(fd, views[index : index + IOV_MAX], offset)
+        count = call(fd, views[index : index + IOV_MAX], offset)
         if count == 0:
-            # The file is exactly the volume's size, so this means someone truncated it.
-            raise OSError(errno.EIO, "unexpected end of file")
+            raise OSError(errno.EIO, none_moved)
         offset += count
         index = _advance(views, index, count)
+
+
+def preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
+    # The file is exactly the volume's size: nothing read means someone truncated it.
+    _whole(os.preadv, fd, views, offset, "unexpected end of file")
 
 
 #: preadv2 flag: fail with EAGAIN instead of waiting for the disk (0 where the OS lacks it).
@@ -94,13 +105,7 @@ def preadv_cached(fd: int, views: list[memoryview], offset: int) -> tuple[int, i
 
 
 def pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
-    index = 0
-    while index < len(views):
-        count = os.pwritev(fd, views[index : index + IOV_MAX], offset)
-        if count == 0:
-            raise OSError(errno.EIO, "pwritev wrote nothing")
-        offset += count
-        index = _advance(views, index, count)
+    _whole(os.pwritev, fd, views, offset, "pwritev wrote nothing")
 
 
 def _pwrite_zeros(fd: int, offset: int, length: int) -> None:
