@@ -36,7 +36,10 @@ A payload that is still arriving (a 256 KiB WRITE comes in several segments) is 
 the socket's receive low-water mark (``SO_RCVLOWAT``) raised to what is missing, so epoll wakes
 the reader once the rest is there instead of once per segment — a wakeup costs a scheduler pass,
 the most expensive thing a request does here.  The mark goes back to one byte after the wait;
-an EOF or an error wakes the reader whatever the mark.
+an EOF or an error wakes the reader whatever the mark.  After a large payload the receive for
+the next head takes little more than the head (:data:`BULK_HEAD_SLACK`), so the next large
+payload is received straight into its own buffer instead of into this stream's and copied
+out; after small ones a receive takes all it can, many heads and payloads at once.
 
 Transport errors are translated once, here: a peer that hangs up or resets becomes
 ``trio.BrokenResourceError``; a stream that ends in the middle of a message raises
@@ -74,6 +77,10 @@ LOWAT_MIN = 64 * 1024
 #: blk_plug flushes at 32 requests; 8 measured best here (4: more passes than it saves, 16:
 #: convoys again).
 PASS_MESSAGES = 8
+#: After a payload of LOWAT_MIN or more, the receive for the next head takes at most this much
+#: beyond it, so the next large payload lands in its own buffer rather than being received
+#: into this stream's and copied out (module docstring).
+BULK_HEAD_SLACK = 4096
 #: Bytes discarded per read when skipping a refused payload.
 SKIP_CHUNK = 256 * 1024
 
@@ -104,6 +111,7 @@ class ByteStream:
         self.bytes_received = 0
         self.bytes_sent = 0
         self._pass = 0  # messages read in the current pass (pass_done)
+        self._bulk = False  # the last payload read was large: receive heads short (_read)
         #: Set by the owner: how many requests it has in flight, the message being sent
         #: included.  Above one, a flusher gathers the others' messages for one more pass.
         self.in_flight: Callable[[], int] = _nothing_in_flight
@@ -196,7 +204,10 @@ class ByteStream:
                 have = self._end - self._start  # compact: move the partial head to the front
                 self._view[:have] = self._view[self._start : self._end]
                 self._start, self._end = 0, have
-            got = await self._recv_into([self._view[self._end :]])
+            room = self._view[self._end :]
+            if self._bulk:  # the payload behind this head is likely large: leave it be
+                room = room[: self._start + n - self._end + BULK_HEAD_SLACK]
+            got = await self._recv_into([room])
             if got == 0:
                 if self._end == self._start and eof_ok:
                     return None
@@ -215,16 +226,19 @@ class ByteStream:
         """Fill ``views`` in order with the next bytes: what arrived already is copied, the
         rest lands with one ``readv`` per IOV_MAX buffers, not one syscall per page."""
         pending: list[memoryview] = []
+        copied = 0
         for view in views:
             got = min(len(view), self._end - self._start)
             if got:
                 view[:got] = self._view[self._start : self._start + got]
                 self._start += got
+                copied += got
                 if self._start == self._end:
                     self._start = self._end = 0
             if got < len(view):
                 pending.append(view[got:] if got else view)
         i, want = 0, sum(len(v) for v in pending)
+        self._bulk = copied + want >= LOWAT_MIN
         while i < len(pending):
             n = await self._recv_into(pending[i:], want)
             if n == 0:
