@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from dst.block import Bio, Op
+from dst.block import Bio, BioFlags, Op
 from dst.client import open_remote
 from dst.server.pool import PagePool
 from tests.integration.harness import running_server
@@ -42,7 +42,11 @@ async def test_small_pool_and_inflight_cap_serve_a_flood(tmp_path: Path) -> None
                 async with trio.open_nursery() as nursery:
                     for i, data in blocks.items():
                         vol = a if i % 2 else b
-                        nursery.start_soon(vol.submit, Bio.from_buffer(Op.WRITE, i * MiB, data))
+                        # FUA: each write holds its pages across an fdatasync in a thread, so
+                        # the pool runs dry whatever the speed of this run (plain writes go to
+                        # the page cache inline and may each be done before the next arrives).
+                        bio = Bio.from_buffer(Op.WRITE, i * MiB, data, flags=BioFlags.FUA)
+                        nursery.start_soon(vol.submit, bio)
                 for i, data in blocks.items():
                     out = bytearray(MiB)
                     await a.submit(Bio.from_buffer(Op.READ, i * MiB, out))
